@@ -1,0 +1,19 @@
+"""mustafar: unstructured per-token KV cache pruning, a bitmap-compressed cache and
+sparse decode attention for Hugging Face transformers.
+
+Method: Joo, Hosseini, Hadidi, Asgari, "Mustafar: Promoting Unstructured Sparsity
+for KV Cache Pruning in LLM Inference", arXiv 2505.22913 (NeurIPS 2025).
+"""
+
+from .config import SETTINGS, SparsityConfig, parse_setting
+from .format import BitmapKV, bytes_per_token, compress, dense_bytes_per_token
+from .ops import available_backends, sparse_decode_attention
+from .pruning import (
+    keep_count,
+    prune_output_aware,
+    prune_per_channel,
+    prune_per_token,
+    prune_think,
+)
+
+__version__ = "0.1.0"

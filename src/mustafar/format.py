@@ -1,0 +1,285 @@
+"""The bitmap-compressed KV format.
+
+Source: the per-token pruning of Mustafar (arXiv 2505.22913) keeps the same
+number ``k_keep`` of entries in every token's head vector; this format exploits
+that: no offsets and no prefix sums, O(1) append, trivially pageable.
+
+For a cache tensor of logical shape ``[batch, kv_heads, tokens, head_dim]``:
+
+- ``values``: ``[batch, kv_heads, tokens, k_keep]``, the cache dtype; the kept
+  entries of each token in ascending channel order.
+- ``bitmaps``: ``[batch, kv_heads, tokens, ceil(head_dim / 64)]`` int64; bit
+  ``d % 64`` of word ``d // 64`` is set iff channel ``d`` was kept.
+
+The rank of channel ``d`` in its token (the popcount of the lower bits) is its
+index in ``values``. Bytes per token and head:
+``k_keep * itemsize + 8 * ceil(head_dim / 64)`` (:func:`bytes_per_token`); for
+head_dim 128 in fp16 that is 94 B at sparsity 0.7 (36.7 % of dense) and 144 B
+at 0.5 (56.3 %).
+
+Example::
+
+    >>> import torch, mustafar
+    >>> x = torch.randn(2, 4, 100, 128, dtype=torch.float16)
+    >>> kv = mustafar.compress(x, 0.7)
+    >>> kv.values.shape, kv.bitmaps.shape, kv.nbytes
+    (torch.Size([2, 4, 100, 39]), torch.Size([2, 4, 100, 2]), 75200)
+    >>> bool((kv.decompress() == mustafar.prune_per_token(x, 0.7)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_head_dim, check_positive_int, check_sparsity, check_tensor
+from .pruning import keep_count
+
+__all__ = ["BitmapKV", "compress", "bytes_per_token", "dense_bytes_per_token", "WORD_BITS"]
+
+#: Channels per bitmap word.
+WORD_BITS = 64
+_BYTE_BITS = 8
+
+
+def num_words(head_dim: int) -> int:
+    """Bitmap words per token: ``ceil(head_dim / 64)``."""
+    return -(-head_dim // WORD_BITS)
+
+
+def bytes_per_token(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes one token of one KV head takes in the format: ``k_keep * itemsize + 8 * ceil(head_dim / 64)``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return keep_count(head_dim, sparsity) * itemsize + 8 * num_words(head_dim)
+
+
+def dense_bytes_per_token(head_dim: int, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes one token of one KV head takes dense: ``head_dim * itemsize``."""
+    return head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def pack_bitmaps(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool mask ``[..., head_dim]`` into int64 words ``[..., ceil(head_dim / 64)]``."""
+    head_dim = mask.shape[-1]
+    words = num_words(head_dim)
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, words * WORD_BITS - head_dim))
+    shifts = torch.arange(_BYTE_BITS, device=mask.device, dtype=torch.uint8)
+    as_bytes = (padded.reshape(*mask.shape[:-1], words * _BYTE_BITS, _BYTE_BITS) << shifts).sum(-1, dtype=torch.uint8)
+    return as_bytes.contiguous().view(torch.int64)
+
+
+def unpack_bitmaps(bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmaps`: int64 words ``[..., words]`` -> bool ``[..., head_dim]``."""
+    as_bytes = bitmaps.contiguous().view(torch.uint8)
+    shifts = torch.arange(_BYTE_BITS, device=bitmaps.device, dtype=torch.uint8)
+    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*bitmaps.shape[:-1], -1)[..., :head_dim].bool()
+
+
+def compress_mask(x: torch.Tensor, mask: torch.Tensor, k_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, bitmaps)`` of ``x`` under a keep-``mask`` with exactly ``k_keep`` set bits per token."""
+    kept = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k_keep]
+    return x.gather(-1, kept), pack_bitmaps(mask)
+
+
+def expand(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Dense ``[..., head_dim]`` tensor from ``values [..., k_keep]`` and ``bitmaps [..., words]``."""
+    mask = unpack_bitmaps(bitmaps, head_dim)
+    if values.shape[-1] == 0:
+        return torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
+    rank = (mask.cumsum(-1) - 1).clamp_(min=0)
+    gathered = values.gather(-1, rank)
+    return torch.where(mask, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+class BitmapKV:
+    """A compressed K or V cache ``[batch, kv_heads, tokens, head_dim]`` in the bitmap format.
+
+    Storage grows by capacity doubling along the token axis, so :meth:`append`
+    is amortised O(1) per token; ``values`` and ``bitmaps`` are views of the
+    first ``tokens`` rows.
+
+    Attributes:
+        head_dim: channels per head (1..256).
+        sparsity: fraction of entries zeroed per token, in [0, 1).
+        k_keep: entries kept per token, ``head_dim - floor(sparsity * head_dim)``.
+    """
+
+    def __init__(self, values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int, sparsity: float):
+        check_tensor("values", values, ndim=4)
+        check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
+        self.head_dim = check_head_dim("head_dim", head_dim)
+        self.sparsity = check_sparsity("sparsity", sparsity)
+        self.k_keep = keep_count(head_dim, self.sparsity)
+        if values.shape[-1] != self.k_keep:
+            raise ValueError(f"values must have last dim k_keep={self.k_keep}, got {tuple(values.shape)}")
+        if bitmaps.shape[:-1] != values.shape[:-1] or bitmaps.shape[-1] != num_words(head_dim):
+            raise ValueError(
+                f"bitmaps must be {tuple(values.shape[:-1]) + (num_words(head_dim),)}, got {tuple(bitmaps.shape)}"
+            )
+        self._values, self._bitmaps, self._tokens = values, bitmaps, values.shape[2]
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        sparsity: float,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        capacity: int = 0,
+    ) -> "BitmapKV":
+        """An empty store with room for ``capacity`` tokens before it grows."""
+        check_positive_int("batch", batch)
+        check_positive_int("kv_heads", kv_heads)
+        check_positive_int("capacity", capacity, minimum=0)
+        k_keep = keep_count(check_head_dim("head_dim", head_dim), sparsity)
+        values = torch.zeros(batch, kv_heads, capacity, k_keep, dtype=dtype, device=device)
+        bitmaps = torch.zeros(batch, kv_heads, capacity, num_words(head_dim), dtype=torch.int64, device=device)
+        store = cls(values, bitmaps, head_dim, sparsity)
+        store._tokens = 0
+        return store
+
+    # ------------------------------------------------------------------ views
+    @property
+    def tokens(self) -> int:
+        """Number of tokens held."""
+        return self._tokens
+
+    @property
+    def capacity(self) -> int:
+        """Tokens that fit before the storage grows."""
+        return self._values.shape[2]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, k_keep]``, cache dtype (a view)."""
+        return self._values[:, :, : self._tokens]
+
+    @property
+    def bitmaps(self) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, ceil(head_dim / 64)]`` int64 (a view)."""
+        return self._bitmaps[:, :, : self._tokens]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Logical dense shape ``(batch, kv_heads, tokens, head_dim)``."""
+        b, h = self._values.shape[:2]
+        return (b, h, self._tokens, self.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens held (values + bitmaps): ``batch * kv_heads * tokens * bytes_per_token``."""
+        return self.values.numel() * self.values.element_size() + self.bitmaps.numel() * 8
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated, including room for tokens not yet appended."""
+        return self._values.numel() * self._values.element_size() + self._bitmaps.numel() * 8
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the same tokens would take dense in the same dtype."""
+        b, h, t, d = self.shape
+        return b * h * t * d * self._values.element_size()
+
+    def __repr__(self) -> str:
+        return (
+            f"BitmapKV(shape={self.shape}, sparsity={self.sparsity}, k_keep={self.k_keep}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, nbytes={self.nbytes})"
+        )
+
+    # -------------------------------------------------------------- operations
+    def decompress(self) -> torch.Tensor:
+        """Dense ``[batch, kv_heads, tokens, head_dim]`` tensor, zeros where pruned."""
+        return expand(self.values, self.bitmaps, self.head_dim)
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` in total, doubling the capacity (amortised O(1) per appended token)."""
+        if tokens <= self.capacity:
+            return
+        new_capacity = max(tokens, 2 * self.capacity)
+        self._values = _grown(self._values, new_capacity, self._tokens)
+        self._bitmaps = _grown(self._bitmaps, new_capacity, self._tokens)
+
+    def append(self, x: torch.Tensor) -> None:
+        """Prune (per token) and compress new rows ``x [batch, kv_heads, n, head_dim]`` and append them.
+
+        Raises:
+            TypeError / ValueError: ``x`` of another dtype, batch, head count or head_dim.
+        """
+        self._check_rows(x)
+        from .ops import compress_into  # the ops layer picks the kernel for x's device
+
+        self.reserve(self._tokens + x.shape[2])
+        compress_into(x, self.sparsity, self._values, self._bitmaps, self._tokens)
+        self._tokens += x.shape[2]
+
+    def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
+        """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``)."""
+        if values.shape[:2] != self._values.shape[:2] or values.shape[-1] != self.k_keep:
+            raise ValueError(f"values must be [{self._values.shape[0]}, {self._values.shape[1]}, n, {self.k_keep}], "
+                             f"got {tuple(values.shape)}")
+        if bitmaps.shape != values.shape[:-1] + (self._bitmaps.shape[-1],) or bitmaps.dtype != torch.int64:
+            raise ValueError(f"bitmaps must be int64 {tuple(values.shape[:-1]) + (self._bitmaps.shape[-1],)}, "
+                             f"got {bitmaps.dtype} {tuple(bitmaps.shape)}")
+        n = values.shape[2]
+        self.reserve(self._tokens + n)
+        self._values[:, :, self._tokens : self._tokens + n] = values
+        self._bitmaps[:, :, self._tokens : self._tokens + n] = bitmaps
+        self._tokens += n
+
+    def truncate(self, tokens: int) -> None:
+        """Keep only the first ``tokens`` tokens (for ``crop``); storage is kept for reuse."""
+        if not 0 <= tokens <= self._tokens:
+            raise ValueError(f"tokens must be in [0, {self._tokens}], got {tokens}")
+        self._tokens = tokens
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the batch rows in ``index`` (beam search, batch selection)."""
+        index = index.to(self.device)
+        self._values = self._values.index_select(0, index)
+        self._bitmaps = self._bitmaps.index_select(0, index)
+
+    def _check_rows(self, x: torch.Tensor) -> None:
+        check_tensor("x", x, ndim=4)
+        b, h = self._values.shape[:2]
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the store's dtype {self.dtype}, got {x.dtype}")
+        if x.shape[0] != b or x.shape[1] != h or x.shape[3] != self.head_dim:
+            raise ValueError(f"x must be [{b}, {h}, n, {self.head_dim}], got {tuple(x.shape)}")
+
+
+def _grown(buffer: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
+    grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
+
+
+def compress(x: torch.Tensor, sparsity: float) -> BitmapKV:
+    """Per-token prune ``x`` ``[batch, kv_heads, tokens, head_dim]`` and store it as a :class:`BitmapKV`.
+
+    ``x``: fp16, bf16 or fp32, any head_dim in 1..256. ``sparsity``: fraction of
+    each token's entries zeroed, in [0, 1). ``compress(x, s).decompress()``
+    equals ``prune_per_token(x, s)`` exactly. Source: Mustafar, arXiv 2505.22913.
+
+    Raises:
+        TypeError: ``x`` not a tensor of a cache dtype.
+        ValueError: wrong rank, head_dim over 256, sparsity outside [0, 1).
+    """
+    check_tensor("x", x, ndim=4)
+    check_head_dim("x", x.shape[-1])
+    b, h, t, d = x.shape
+    store = BitmapKV.empty(b, h, d, sparsity, dtype=x.dtype, device=x.device, capacity=t)
+    if t:
+        store.append(x)
+    return store

@@ -1,0 +1,152 @@
+"""The ops layer: check inputs, pick a backend, allocate, launch.
+
+Backends: ``"torch"`` (the PyTorch reference of :mod:`mustafar.reference`, any
+device) and ``"triton"`` (the kernels of :mod:`mustafar.kernels`, CUDA
+tensors, or the CPU under ``TRITON_INTERPRET=1``). ``"auto"`` picks Triton for
+CUDA tensors and the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ._checks import check_tensor
+from .format import BitmapKV
+from .reference import compress_reference, decode_attention_reference
+
+__all__ = ["sparse_decode_attention", "compress_into", "BACKENDS", "available_backends"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (a CUDA device, or the Triton interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, besides ``"auto"``."""
+    return ["torch"] + (["triton"] if triton_available() else [])
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)")
+    return backend
+
+
+def compress_into(
+    x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto"
+) -> None:
+    """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place."""
+    n = x.shape[2]
+    if _resolve_backend(backend, x.device) == "triton":
+        from .launch.compress import compress_triton
+
+        compress_triton(x, sparsity, values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n])
+        return
+    vals, bits = compress_reference(x, sparsity)
+    values[:, :, offset : offset + n] = vals
+    bitmaps[:, :, offset : offset + n] = bits
+
+
+def _check_attention_inputs(query, key_cache, value_cache, key_window, value_window, attention_mask) -> None:
+    check_tensor("query", query, ndim=4)
+    for name, store in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(store, BitmapKV):
+            raise TypeError(f"{name} must be a mustafar.BitmapKV, got {type(store).__name__}")
+        if store.dtype != query.dtype:
+            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {store.dtype}")
+        if store.device != query.device:
+            raise ValueError(f"{name} must be on the query's device {query.device}, got {store.device}")
+    b, hq, lq, d = query.shape
+    bk, hkv, tk, dk = key_cache.shape
+    if (bk, dk) != (b, d):
+        raise ValueError(f"key_cache must be [batch={b}, kv_heads, tokens, head_dim={d}], got {key_cache.shape}")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(f"value_cache must have key_cache's shape {key_cache.shape}, got {value_cache.shape}")
+    if hq % hkv != 0:
+        raise ValueError(f"query's head count must be a multiple of kv_heads={hkv}, got q_heads={hq}")
+    if (key_window is None) != (value_window is None):
+        raise ValueError("key_window and value_window must be given together, got only one of them")
+    window = 0
+    if key_window is not None:
+        for name, win in (("key_window", key_window), ("value_window", value_window)):
+            check_tensor(name, win, ndim=4)
+            if win.dtype != query.dtype:
+                raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {win.dtype}")
+            if win.shape[:2] != (b, hkv) or win.shape[3] != d or win.shape != key_window.shape:
+                raise ValueError(f"{name} must be [{b}, {hkv}, w, {d}] like key_window, got {tuple(win.shape)}")
+        window = key_window.shape[2]
+    if lq < 1 or tk + window < lq:
+        raise ValueError(f"query length must be in [1, cached tokens={tk + window}], got q_len={lq}")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=4, dtypes=None)
+        try:
+            torch.broadcast_shapes(attention_mask.shape, (b, hq, lq, tk + window))
+        except RuntimeError:
+            raise ValueError(
+                f"attention_mask must broadcast to [{b}, {hq}, {lq}, {tk + window}], got {tuple(attention_mask.shape)}"
+            ) from None
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    key_cache: BitmapKV,
+    value_cache: BitmapKV,
+    key_window: torch.Tensor | None = None,
+    value_window: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention over a compressed KV cache plus an optional dense local window.
+
+    Args:
+        query: ``[batch, q_heads, q_len, head_dim]``, fp16/bf16/fp32; the queries
+            are the last ``q_len`` tokens of the sequence (causal among them).
+        key_cache, value_cache: :class:`BitmapKV` of logical shape
+            ``[batch, kv_heads, tokens, head_dim]``, the query's dtype; the oldest tokens.
+        key_window, value_window: ``[batch, kv_heads, w, head_dim]`` dense, the
+            most recent tokens (after the compressed ones), or ``None``.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        attention_mask: optional, broadcastable to ``[batch, q_heads, q_len, tokens + w]``;
+            bool (True = attend) or additive float.
+
+    Returns:
+        ``[batch, q_heads, q_len, head_dim]`` in the query's dtype; softmax in fp32.
+        GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)``.
+
+    Raises:
+        TypeError: non-tensor or non-BitmapKV inputs, dtype mismatches.
+        ValueError: shape mismatches, q_heads not a multiple of kv_heads, bad backend.
+
+    Source: Mustafar (arXiv 2505.22913) computes attention directly on the
+    pruned cache; this is its decode step in flash-decoding form.
+    """
+    _check_attention_inputs(query, key_cache, value_cache, key_window, value_window, attention_mask)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale}")
+    if _resolve_backend(backend, query.device) == "triton":
+        from .launch.decode import decode_attention_triton
+
+        return decode_attention_triton(query, key_cache, value_cache, key_window, value_window, scale, attention_mask)
+    keys, values = key_cache.decompress(), value_cache.decompress()
+    if key_window is not None:
+        keys = torch.cat([keys, key_window], dim=2)
+        values = torch.cat([values, value_window], dim=2)
+    return decode_attention_reference(query, keys, values, scale, attention_mask)
+

@@ -1,0 +1,63 @@
+"""PyTorch references of every kernel: the CPU fallback and the test oracle.
+
+Source of the method: Mustafar, arXiv 2505.22913. These functions favour
+clarity over speed: the decode attention decompresses the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import compress_mask, expand
+from .pruning import keep_count, topk_mask
+
+__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference"]
+
+
+def compress_reference(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``.
+
+    Keeps the ``k_keep`` entries of largest ``|x|`` per row, ties to the lower channel.
+    """
+    k_keep = keep_count(x.shape[-1], sparsity)
+    return compress_mask(x, topk_mask(x.abs(), k_keep), k_keep)
+
+
+def decompress_reference(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Dense ``[..., head_dim]`` tensor from ``values`` and ``bitmaps`` (zeros where pruned)."""
+    return expand(values, bitmaps, head_dim)
+
+
+def decode_attention_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query [b, q_heads, q_len, d]`` over dense ``keys``/``values`` ``[b, kv_heads, t, d]``.
+
+    GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)``. The last
+    ``q_len`` keys are the queries' own tokens: query ``i`` sees keys up to
+    position ``t - q_len + i`` (causal). ``attention_mask`` (optional),
+    broadcastable to ``[b, q_heads, q_len, t]``: bool (True = attend) or additive
+    float. Softmax in fp32; rows with no visible key give zeros, not NaN.
+    Returns ``[b, q_heads, q_len, d]`` in the query's dtype.
+    """
+    b, hq, lq, d = query.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    q = query.float().reshape(b, hkv, hq // hkv, lq, d)
+    scores = torch.einsum("bhgqd,bhtd->bhgqt", q, keys.float()) * scale
+    positions = torch.arange(t, device=query.device)
+    visible = positions[None, :] <= (t - lq + torch.arange(lq, device=query.device))[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if attention_mask is not None:
+        mask = attention_mask.expand(b, hq, lq, t).reshape(b, hkv, hq // hkv, lq, t)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    out = torch.einsum("bhgqt,bhtd->bhgqd", probs, values.float())
+    return out.reshape(b, hq, lq, d).to(query.dtype)
