@@ -25,7 +25,7 @@ def check_sparsity(name: str, sparsity: object) -> float:
     value = float(sparsity)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1) (fraction of entries zeroed), got {sparsity!r}")
-    return value
+    return value + 0.0  # -0.0 becomes 0.0
 
 
 def check_tensor(name: str, x: object, ndim: int | None = None, dtypes: tuple | None = CACHE_DTYPES) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 from ._checks import check_positive_int, check_sparsity
 
@@ -49,11 +50,17 @@ class SparsityConfig:
         """``dense`` or ``K{key_sparsity}V{value_sparsity}``."""
         if self.key_sparsity == 0 and self.value_sparsity == 0:
             return "dense"
-        return f"K{self.key_sparsity:g}V{self.value_sparsity:g}"
+        return f"K{_decimal(self.key_sparsity)}V{_decimal(self.value_sparsity)}"
 
     @property
     def is_dense(self) -> bool:
         return self.key_sparsity == 0 and self.value_sparsity == 0
+
+
+def _decimal(x: float) -> str:
+    """Shortest plain decimal of ``x`` that parses back to it: 0.5 -> '0.5', 0.0 -> '0', 1e-05 -> '0.00001'."""
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def parse_setting(name: str, **overrides) -> SparsityConfig:

@@ -39,6 +39,8 @@ __all__ = ["BitmapKV", "compress", "bytes_per_token", "dense_bytes_per_token", "
 
 #: Channels per bitmap word.
 WORD_BITS = 64
+#: Capacity granule in tokens: the GPU kernels stage whole 16-token tiles.
+CAPACITY_GRANULE = 16
 _BYTE_BITS = 8
 
 
@@ -73,7 +75,7 @@ def unpack_bitmaps(bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
     as_bytes = bitmaps.contiguous().view(torch.uint8)
     shifts = torch.arange(_BYTE_BITS, device=bitmaps.device, dtype=torch.uint8)
     bits = (as_bytes.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*bitmaps.shape[:-1], -1)[..., :head_dim].bool()
+    return bits.reshape(*bitmaps.shape[:-1], bitmaps.shape[-1] * WORD_BITS)[..., :head_dim].bool()
 
 
 def compress_mask(x: torch.Tensor, mask: torch.Tensor, k_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +137,7 @@ class BitmapKV:
         check_positive_int("kv_heads", kv_heads)
         check_positive_int("capacity", capacity, minimum=0)
         k_keep = keep_count(check_head_dim("head_dim", head_dim), sparsity)
+        capacity = _round_up(capacity, CAPACITY_GRANULE)
         values = torch.zeros(batch, kv_heads, capacity, k_keep, dtype=dtype, device=device)
         bitmaps = torch.zeros(batch, kv_heads, capacity, num_words(head_dim), dtype=torch.int64, device=device)
         store = cls(values, bitmaps, head_dim, sparsity)
@@ -207,7 +210,7 @@ class BitmapKV:
         """Make room for ``tokens`` in total, doubling the capacity (amortised O(1) per appended token)."""
         if tokens <= self.capacity:
             return
-        new_capacity = max(tokens, 2 * self.capacity)
+        new_capacity = _round_up(max(tokens, 2 * self.capacity), CAPACITY_GRANULE)
         self._values = _grown(self._values, new_capacity, self._tokens)
         self._bitmaps = _grown(self._bitmaps, new_capacity, self._tokens)
 
@@ -225,13 +228,20 @@ class BitmapKV:
         self._tokens += x.shape[2]
 
     def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
-        """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``)."""
+        """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``).
+
+        Raises:
+            TypeError: ``values`` not of the store's dtype, ``bitmaps`` not int64.
+            ValueError: wrong ranks or shapes.
+        """
+        check_tensor("values", values, ndim=4, dtypes=(self.dtype,))
+        check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
         if values.shape[:2] != self._values.shape[:2] or values.shape[-1] != self.k_keep:
             raise ValueError(f"values must be [{self._values.shape[0]}, {self._values.shape[1]}, n, {self.k_keep}], "
                              f"got {tuple(values.shape)}")
-        if bitmaps.shape != values.shape[:-1] + (self._bitmaps.shape[-1],) or bitmaps.dtype != torch.int64:
-            raise ValueError(f"bitmaps must be int64 {tuple(values.shape[:-1]) + (self._bitmaps.shape[-1],)}, "
-                             f"got {bitmaps.dtype} {tuple(bitmaps.shape)}")
+        if bitmaps.shape != values.shape[:-1] + (self._bitmaps.shape[-1],):
+            raise ValueError(f"bitmaps must be {tuple(values.shape[:-1]) + (self._bitmaps.shape[-1],)}, "
+                             f"got {tuple(bitmaps.shape)}")
         n = values.shape[2]
         self.reserve(self._tokens + n)
         self._values[:, :, self._tokens : self._tokens + n] = values
@@ -240,6 +250,7 @@ class BitmapKV:
 
     def truncate(self, tokens: int) -> None:
         """Keep only the first ``tokens`` tokens (for ``crop``); storage is kept for reuse."""
+        check_positive_int("tokens", tokens, minimum=0)
         if not 0 <= tokens <= self._tokens:
             raise ValueError(f"tokens must be in [0, {self._tokens}], got {tokens}")
         self._tokens = tokens
@@ -257,6 +268,10 @@ class BitmapKV:
             raise TypeError(f"x must have the store's dtype {self.dtype}, got {x.dtype}")
         if x.shape[0] != b or x.shape[1] != h or x.shape[3] != self.head_dim:
             raise ValueError(f"x must be [{b}, {h}, n, {self.head_dim}], got {tuple(x.shape)}")
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
 
 
 def _grown(buffer: torch.Tensor, capacity: int, used: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The ops layer: check inputs, pick a backend, allocate, launch.
 
 Backends: ``"torch"`` (the PyTorch reference of :mod:`mustafar.reference`, any
-device) and ``"triton"`` (the kernels of :mod:`mustafar.kernels`, CUDA
-tensors, or the CPU under ``TRITON_INTERPRET=1``). ``"auto"`` picks Triton for
-CUDA tensors and the reference otherwise.
+device), ``"triton"`` (the kernels of :mod:`mustafar.kernels`, CUDA tensors, or
+the CPU under ``TRITON_INTERPRET=1``) and ``"cuda"`` (the CUDA C++ decode kernel
+of ``csrc/``, compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16
+query rows per KV head). ``"auto"`` picks CUDA where it applies, then Triton,
+for CUDA tensors, and the reference otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from .reference import compress_reference, decode_attention_reference
 
 __all__ = ["sparse_decode_attention", "compress_into", "BACKENDS", "available_backends"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+class UnsupportedHardwareError(RuntimeError):
+    """A backend was asked for on a machine or for inputs it cannot serve."""
 
 
 def triton_available() -> bool:
@@ -33,7 +39,9 @@ def triton_available() -> bool:
 
 def available_backends() -> list[str]:
     """Backends that can run on this machine, besides ``"auto"``."""
-    return ["torch"] + (["triton"] if triton_available() else [])
+    from .launch.cuda import cuda_available
+
+    return ["torch"] + (["triton"] if triton_available() else []) + (["cuda"] if cuda_available() else [])
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -42,23 +50,39 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)")
+        raise UnsupportedHardwareError(
+            "backend='triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"
+        )
     return backend
 
 
 def compress_into(
     x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto"
 ) -> None:
-    """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place."""
+    """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place.
+
+    Backends as for :func:`sparse_decode_attention`; all give identical bits.
+    """
     n = x.shape[2]
-    if _resolve_backend(backend, x.device) == "triton":
+    out_values, out_bitmaps = values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n]
+    chosen = _resolve_backend(backend, x.device)
+    if chosen in ("cuda", "triton") and backend != "triton":
+        from .launch.cuda import compress_cuda, compress_supported
+
+        if compress_supported(x, out_values, out_bitmaps):
+            compress_cuda(x, out_values, out_bitmaps)
+            return
+        if chosen == "cuda":
+            raise UnsupportedHardwareError(
+                f"backend='cuda' compresses fp16/bf16 rows of head_dim 64 or 128 on a CUDA device; got device "
+                f"{x.device}, dtype {x.dtype}, shape {tuple(x.shape)}"
+            )
+    if chosen in ("cuda", "triton"):
         from .launch.compress import compress_triton
 
-        compress_triton(x, sparsity, values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n])
+        compress_triton(x, sparsity, out_values, out_bitmaps)
         return
-    vals, bits = compress_reference(x, sparsity)
-    values[:, :, offset : offset + n] = vals
-    bitmaps[:, :, offset : offset + n] = bits
+    out_values[...], out_bitmaps[...] = compress_reference(x, sparsity)
 
 
 def _check_attention_inputs(query, key_cache, value_cache, key_window, value_window, attention_mask) -> None:
@@ -86,6 +110,8 @@ def _check_attention_inputs(query, key_cache, value_cache, key_window, value_win
             check_tensor(name, win, ndim=4)
             if win.dtype != query.dtype:
                 raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {win.dtype}")
+            if win.device != query.device:
+                raise ValueError(f"{name} must be on the query's device {query.device}, got {win.device}")
             if win.shape[:2] != (b, hkv) or win.shape[3] != d or win.shape != key_window.shape:
                 raise ValueError(f"{name} must be [{b}, {hkv}, w, {d}] like key_window, got {tuple(win.shape)}")
         window = key_window.shape[2]
@@ -93,12 +119,13 @@ def _check_attention_inputs(query, key_cache, value_cache, key_window, value_win
         raise ValueError(f"query length must be in [1, cached tokens={tk + window}], got q_len={lq}")
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=4, dtypes=None)
-        try:
-            torch.broadcast_shapes(attention_mask.shape, (b, hq, lq, tk + window))
-        except RuntimeError:
-            raise ValueError(
-                f"attention_mask must broadcast to [{b}, {hq}, {lq}, {tk + window}], got {tuple(attention_mask.shape)}"
-            ) from None
+        if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+            raise TypeError(
+                f"attention_mask must be bool (True = attend) or an additive float, got {attention_mask.dtype}"
+            )
+        target = (b, hq, lq, tk + window)
+        if any(m not in (1, n) for m, n in zip(attention_mask.shape, target, strict=True)):
+            raise ValueError(f"attention_mask must broadcast to {list(target)}, got {tuple(attention_mask.shape)}")
 
 
 def sparse_decode_attention(
@@ -130,7 +157,8 @@ def sparse_decode_attention(
         GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)``.
 
     Raises:
-        TypeError: non-tensor or non-BitmapKV inputs, dtype mismatches.
+        TypeError: non-tensor or non-BitmapKV inputs, dtype mismatches, an
+            ``attention_mask`` neither bool nor floating.
         ValueError: shape mismatches, q_heads not a multiple of kv_heads, bad backend.
 
     Source: Mustafar (arXiv 2505.22913) computes attention directly on the
@@ -140,7 +168,21 @@ def sparse_decode_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale}")
-    if _resolve_backend(backend, query.device) == "triton":
+    chosen = _resolve_backend(backend, query.device)
+    if chosen in ("cuda", "triton") and backend != "triton":
+        from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
+
+        if cuda_available() and cuda_supported(query, key_cache, value_cache, key_window, attention_mask):
+            return decode_attention_cuda(query, key_cache, value_cache, key_window, value_window, scale,
+                                         attention_mask)
+        if chosen == "cuda":
+            raise UnsupportedHardwareError(
+                "backend='cuda' needs a CUDA device of compute capability >= 8.0, fp16/bf16 tensors, head_dim 64 or "
+                "128, at most 16 query rows per KV head (q_heads // kv_heads * q_len) and a bool or no mask; "
+                f"got device {query.device}, dtype {query.dtype}, shape {tuple(query.shape)}, kv_heads "
+                f"{key_cache.shape[1]}"
+            )
+    if chosen in ("cuda", "triton"):
         from .launch.decode import decode_attention_triton
 
         return decode_attention_triton(query, key_cache, value_cache, key_window, value_window, scale, attention_mask)

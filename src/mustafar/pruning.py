@@ -52,10 +52,11 @@ def keep_count(size: int, sparsity: float) -> int:
     """Number of entries kept out of ``size`` at ``sparsity``: ``size - floor(sparsity * size)``.
 
     ``sparsity`` is the fraction zeroed, in [0, 1). The product is rounded to 9
-    decimals before the floor so that, e.g., ``0.7 * 10`` counts as 7.
+    decimals before the floor so that, e.g., ``0.7 * 10`` counts as 7; a non-empty
+    row always keeps at least one entry (``sparsity < 1``), however close to 1.
     """
     sparsity = check_sparsity("sparsity", sparsity)
-    return size - math.floor(round(sparsity * size, 9))
+    return size - min(math.floor(round(sparsity * size, 9)), max(size - 1, 0))
 
 
 def topk_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:

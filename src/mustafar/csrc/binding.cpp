@@ -1,0 +1,78 @@
+// Torch binding of the mustafar CUDA decode kernels (decode.cu); compiled at first use on CUDA machines.
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace {
+
+const uint16_t* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
+void check(int err, const char* what) {
+  TORCH_CHECK(err == 0, "mustafar CUDA ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+}  // namespace
+
+// query [B, Hq, Lq, D]; values [B, Hkv, cap, k_keep]; bitmaps int32 view [B, Hkv, cap, D/32];
+// windows [B, Hkv, W, D] or empty; mask bool [B, Hq, Lq, total] (any broadcast strides, last stride 1) or empty.
+void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& kb, const torch::Tensor& vv,
+            const torch::Tensor& vb, const torch::Tensor& kw, const torch::Tensor& vw, const torch::Tensor& mask,
+            torch::Tensor& part_o, torch::Tensor& part_m, torch::Tensor& part_l, torch::Tensor& out, int64_t n_comp,
+            int64_t tokens_per_split, int64_t n_splits, double scale_log2e) {
+  DecodeParams p{};
+  p.q = half_ptr(q);
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.kv = half_ptr(kv), p.kv_sb = kv.stride(0), p.kv_sh = kv.stride(1);
+  p.kb = reinterpret_cast<const uint32_t*>(kb.data_ptr()), p.kb_sb = kb.stride(0), p.kb_sh = kb.stride(1);
+  p.vv = half_ptr(vv), p.vv_sb = vv.stride(0), p.vv_sh = vv.stride(1);
+  p.vb = reinterpret_cast<const uint32_t*>(vb.data_ptr()), p.vb_sb = vb.stride(0), p.vb_sh = vb.stride(1);
+  const bool has_window = kw.numel() > 0;
+  p.kw = has_window ? half_ptr(kw) : p.q;
+  p.vw = has_window ? half_ptr(vw) : p.q;
+  if (has_window) {
+    p.kw_sb = kw.stride(0), p.kw_sh = kw.stride(1), p.kw_st = kw.stride(2);
+    p.vw_sb = vw.stride(0), p.vw_sh = vw.stride(1), p.vw_st = vw.stride(2);
+  }
+  if (mask.numel() > 0) {
+    p.mask = reinterpret_cast<const uint8_t*>(mask.data_ptr());
+    p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sl = mask.stride(2);
+  }
+  p.part_o = part_o.data_ptr<float>(), p.part_m = part_m.data_ptr<float>(), p.part_l = part_l.data_ptr<float>();
+  const int64_t heads = q.size(1), kv_heads = kv.size(1);
+  p.kv_heads = kv_heads;
+  p.group = heads / kv_heads;
+  p.q_len = q.size(2);
+  p.k_keep = kv.size(3);
+  p.n_comp = n_comp;
+  p.n_win = has_window ? kw.size(2) : 0;
+  p.tokens_per_split = tokens_per_split;
+  p.n_splits = n_splits;
+  p.scale_log2e = static_cast<float>(scale_log2e);
+  const int parts = part_m.size(0), batch_heads = q.size(0) * kv_heads;
+  const int bf16 = q.scalar_type() == torch::kBFloat16;
+  void* stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  check(mustafar_decode_launch(&p, bf16, q.size(3), parts, batch_heads, stream), "decode kernel");
+  check(mustafar_merge_launch(p.part_o, p.part_m, p.part_l, out.data_ptr(), bf16, out.stride(0), out.stride(1),
+                              out.stride(2), kv_heads, p.group, p.q_len, parts, q.size(3), batch_heads, stream),
+        "merge kernel");
+}
+
+// x [B, Hkv, n, D] (last dim contiguous, rows 16-byte aligned); values [B, Hkv, n, k_keep] and bitmaps as int32
+// [B, Hkv, n, D/32], both with contiguous rows (views into a store at a token offset).
+void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitmaps) {
+  CompressParams p{};
+  p.x = half_ptr(x), p.x_sb = x.stride(0), p.x_sh = x.stride(1), p.x_st = x.stride(2);
+  p.vals = reinterpret_cast<uint16_t*>(values.data_ptr()), p.v_sb = values.stride(0), p.v_sh = values.stride(1);
+  p.bits = reinterpret_cast<uint32_t*>(bitmaps.data_ptr()), p.b_sb = bitmaps.stride(0), p.b_sh = bitmaps.stride(1);
+  p.batch = x.size(0), p.kv_heads = x.size(1), p.tokens = x.size(2), p.k_keep = values.size(3);
+  const int bf16 = x.scalar_type() == torch::kBFloat16;
+  void* stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check(mustafar_compress_launch(&p, bf16, x.size(3), stream), "compress kernel");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode, "mustafar sparse decode attention (CUDA)");
+  m.def("compress", &compress, "mustafar per-token prune + compress (CUDA)");
+}

@@ -1,0 +1,164 @@
+// Prune + compress kernel for fp16/bf16 rows, CUDA C++ (sm_80+). Bit-identical to
+// mustafar.reference.compress_reference for finite and infinite inputs (NaN entries: unspecified choice).
+//
+// Rule (Mustafar, arXiv 2505.22913): keep the k_keep entries of largest |x| per row, ties to the lower channel.
+// One thread per row: the row sits in registers as packed pairs; the k_keep-th largest magnitude is found by
+// bisection over its 15-bit pattern, counting with packed half2 comparisons (one compare and one add per pair
+// of channels per bit); then the kept entries are written in channel order with the bitmap. Rows are staged
+// through shared memory so that global reads and writes are coalesced.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int kRowsPerCta = 128;
+constexpr int kPad = 8;  // bytes of padding per staged input row (bank spread for the per-thread LDS.128)
+
+template <typename T>
+struct Packed;
+
+template <>
+struct Packed<__half> {
+  __device__ static float count(uint32_t acc) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&acc);
+    return __low2float(h) + __high2float(h);
+  }
+  __device__ static uint32_t add_ge(uint32_t acc, uint32_t x, uint32_t c) {
+    __half2 r = __hadd2(*reinterpret_cast<__half2*>(&acc),
+                        __hge2(__habs2(*reinterpret_cast<__half2*>(&x)), *reinterpret_cast<__half2*>(&c)));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t add_gt(uint32_t acc, uint32_t x, uint32_t c) {
+    __half2 r = __hadd2(*reinterpret_cast<__half2*>(&acc),
+                        __hgt2(__habs2(*reinterpret_cast<__half2*>(&x)), *reinterpret_cast<__half2*>(&c)));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+
+template <>
+struct Packed<__nv_bfloat16> {
+  __device__ static float count(uint32_t acc) {
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&acc);
+    return __low2float(h) + __high2float(h);
+  }
+  __device__ static uint32_t add_ge(uint32_t acc, uint32_t x, uint32_t c) {
+    __nv_bfloat162 r = __hadd2(*reinterpret_cast<__nv_bfloat162*>(&acc),
+                               __hge2(__habs2(*reinterpret_cast<__nv_bfloat162*>(&x)), *reinterpret_cast<__nv_bfloat162*>(&c)));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t add_gt(uint32_t acc, uint32_t x, uint32_t c) {
+    __nv_bfloat162 r = __hadd2(*reinterpret_cast<__nv_bfloat162*>(&acc),
+                               __hgt2(__habs2(*reinterpret_cast<__nv_bfloat162*>(&x)), *reinterpret_cast<__nv_bfloat162*>(&c)));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+
+// Count of channels with |x| >= c (GE) or > c (!GE), c a 15-bit magnitude pattern (|.| folds into HSET2).
+template <typename T, int PAIRS, bool GE>
+__device__ __forceinline__ int count_magnitudes(const uint32_t (&raw)[PAIRS], uint32_t c) {
+  const uint32_t c2 = c | (c << 16);
+  uint32_t acc[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < PAIRS; ++i)
+    acc[i & 3] = GE ? Packed<T>::add_ge(acc[i & 3], raw[i], c2) : Packed<T>::add_gt(acc[i & 3], raw[i], c2);
+  return static_cast<int>(Packed<T>::count(acc[0]) + Packed<T>::count(acc[1]) + Packed<T>::count(acc[2]) +
+                          Packed<T>::count(acc[3]));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_constant__ CompressParams p) {
+  constexpr int kPairs = D / 2, kChunks = D / 8, kWords = D / 32;
+  constexpr int kRowBytes = D * 2 + kPad;
+  extern __shared__ __align__(16) char smem[];
+  const int bh = blockIdx.y, t0 = blockIdx.x * kRowsPerCta;
+  const int b = bh / p.kv_heads, h = bh % p.kv_heads;
+  const int rows = min(kRowsPerCta, p.tokens - t0);
+  const uint16_t* x = p.x + b * p.x_sb + h * p.x_sh + (long long)t0 * p.x_st;
+  for (int c = threadIdx.x; c < rows * kChunks; c += kRowsPerCta) {
+    const int r = c / kChunks, col = c % kChunks;
+    *reinterpret_cast<uint4*>(smem + r * kRowBytes + col * 16) =
+        *reinterpret_cast<const uint4*>(x + r * p.x_st + col * 8);
+  }
+  __syncthreads();
+  const int r = threadIdx.x, k_keep = p.k_keep;
+  const char* row = smem + r * kRowBytes;
+  uint16_t* out_vals = reinterpret_cast<uint16_t*>(smem + kRowsPerCta * kRowBytes);
+  uint32_t* out_bits = reinterpret_cast<uint32_t*>(smem + kRowsPerCta * kRowBytes + kRowsPerCta * k_keep * 2 + 16);
+  if (r < rows) {
+    uint32_t raw[kPairs];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + i * 16);
+      raw[4 * i] = v.x, raw[4 * i + 1] = v.y, raw[4 * i + 2] = v.z, raw[4 * i + 3] = v.w;
+    }
+    uint32_t threshold = 0;
+#pragma unroll 1
+    for (int bit = 14; bit >= 0; --bit) {
+      const uint32_t candidate = threshold | (1u << bit);
+      if (count_magnitudes<T, kPairs, true>(raw, candidate) >= k_keep) threshold = candidate;
+    }
+    // Ties at the threshold beyond what fits go to the higher channels: keep the first `room` of them.
+    int room = k_keep - count_magnitudes<T, kPairs, false>(raw, threshold);
+    uint16_t* dst = out_vals + r * k_keep;
+    uint32_t words[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = 0u;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const uint4 v4 = *reinterpret_cast<const uint4*>(row + i * 16);
+      const uint32_t v[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int d = 8 * i + j;
+        const uint32_t bits = v[j >> 1] >> (16 * (j & 1));
+        const uint32_t m = bits & 0x7fffu;
+        bool keep = m > threshold;
+        if (m == threshold && room > 0) {
+          keep = true;
+          --room;
+        }
+        if (keep) {
+          *dst++ = static_cast<uint16_t>(bits);
+          words[d >> 5] |= 1u << (d & 31);
+        }
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) out_bits[r * kWords + w] = words[w];
+  }
+  __syncthreads();
+  uint16_t* vals = p.vals + b * p.v_sb + h * p.v_sh + (long long)t0 * k_keep;
+  for (int i = threadIdx.x; i < rows * k_keep; i += kRowsPerCta) vals[i] = out_vals[i];
+  uint32_t* bits = p.bits + b * p.b_sb + h * p.b_sh + (long long)t0 * kWords;
+  for (int i = threadIdx.x; i < rows * kWords; i += kRowsPerCta) bits[i] = out_bits[i];
+}
+
+template <typename T, int D>
+cudaError_t launch_compress(const CompressParams& p, cudaStream_t stream) {
+  const int smem = kRowsPerCta * (D * 2 + kPad) + kRowsPerCta * p.k_keep * 2 + 16 + kRowsPerCta * (D / 32) * 4;
+  auto kernel = compress_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.tokens + kRowsPerCta - 1) / kRowsPerCta, p.batch * p.kv_heads);
+  kernel<<<grid, kRowsPerCta, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16, int head_dim, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p->tokens == 0) return 0;
+  cudaError_t err = cudaErrorInvalidValue;
+  if (head_dim == 128) {
+    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 128>(*p, s) : launch_compress<__half, 128>(*p, s);
+  } else if (head_dim == 64) {
+    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 64>(*p, s) : launch_compress<__half, 64>(*p, s);
+  }
+  return static_cast<int>(err);
+}

@@ -1,0 +1,48 @@
+// Parameters of the mustafar CUDA kernels, shared by decode.cu, compress.cu and the torch binding.
+#pragma once
+#include <stdint.h>
+
+// Element strides; pointers to 16-bit data are passed as uint16_t (fp16 or bf16 bits).
+struct DecodeParams {
+  const uint16_t* q;
+  long long q_sb, q_sh, q_sl;
+  const uint16_t* kv;
+  long long kv_sb, kv_sh;
+  const uint32_t* kb;
+  long long kb_sb, kb_sh;
+  const uint16_t* vv;
+  long long vv_sb, vv_sh;
+  const uint32_t* vb;
+  long long vb_sb, vb_sh;
+  const uint16_t* kw;
+  long long kw_sb, kw_sh, kw_st;
+  const uint16_t* vw;
+  long long vw_sb, vw_sh, vw_st;
+  const uint8_t* mask;
+  long long m_sb, m_sh, m_sl;
+  float* part_o;
+  float* part_m;
+  float* part_l;
+  int kv_heads, group, q_len, k_keep, n_comp, n_win, tokens_per_split, n_splits;
+  float scale_log2e;
+};
+
+// Prune + compress of rows x [B, Hkv, tokens, D] (last dim contiguous, rows 16-byte aligned) into values
+// [.., k_keep] and uint32 bitmap words [.., D/32] (rows contiguous).
+struct CompressParams {
+  const uint16_t* x;
+  long long x_sb, x_sh, x_st;
+  uint16_t* vals;
+  long long v_sb, v_sh;
+  uint32_t* bits;
+  long long b_sb, b_sh;
+  int batch, kv_heads, tokens, k_keep;
+};
+
+extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16, int head_dim, void* stream);
+
+extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int head_dim, int parts, int batch_heads,
+                                      void* stream);
+extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, const float* part_l, void* out,
+                                     int dtype_bf16, long long o_sb, long long o_sh, long long o_sl, int kv_heads,
+                                     int group, int q_len, int parts, int head_dim, int batch_heads, void* stream);

@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` code only); launched by :mod:`mustafar.launch`."""

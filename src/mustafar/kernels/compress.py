@@ -1,0 +1,62 @@
+"""Prune + compress kernel: rows ``[.., head_dim]`` -> ``values`` and int32 bitmap words (``@triton.jit`` only).
+
+Per row it finds the ``k_keep``-th largest magnitude by bisection over the bit
+pattern of ``|x|`` (sign cleared; the pattern orders like the magnitude, NaN
+above infinity), keeps everything above it and the lowest channels among the
+ties, then writes the kept entries in channel order and the bitmap. Identical
+bit for bit to :func:`mustafar.reference.compress_reference`.
+Source of the rule: Mustafar, arXiv 2505.22913.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _magnitude_keys(x, KEY_BITS: tl.constexpr):
+    """The bit pattern of ``|x|`` as int32 (15 bits for fp16/bf16, 31 for fp32)."""
+    if KEY_BITS == 31:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    else:
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+
+
+@triton.jit
+def compress_kernel(
+    X, stride_xb, stride_xh, stride_xt,
+    VALS, stride_vb, stride_vh, stride_vt,
+    BITS, stride_bb, stride_bh, stride_bt,
+    kv_heads, tokens, n_rows, k_keep,
+    D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``BLOCK_R`` rows per program; row ``r`` is token ``r % tokens`` of (batch, head) ``r // tokens``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    bh = rows // tokens
+    t = rows % tokens
+    b = bh // kv_heads
+    h = bh % kv_heads
+    ch = tl.arange(0, DP)
+    ch_ok = ch < D
+    ok = row_ok[:, None] & ch_ok[None, :]
+    x_ptr = X + (b * stride_xb + h * stride_xh + t * stride_xt)[:, None] + ch[None, :]
+    x = tl.load(x_ptr, mask=ok, other=0.0)
+    keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
+    threshold = tl.zeros([BLOCK_R], tl.int32)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1)
+        threshold = tl.where(count >= k_keep, candidate, threshold)
+    above = keys > threshold[:, None]
+    ties = (keys == threshold[:, None]).to(tl.int32)
+    room = k_keep - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
+    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    v_ptr = VALS + (b * stride_vb + h * stride_vh + t * stride_vt)[:, None] + position
+    tl.store(v_ptr, x, mask=keep & row_ok[:, None])
+    bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
+    word_of = (ch // 32)[None, :]
+    words = tl.arange(0, NW32)
+    packed = tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
+    b_ptr = BITS + (b * stride_bb + h * stride_bh + t * stride_bt)[:, None] + words[None, :]
+    tl.store(b_ptr, packed, mask=row_ok[:, None])

@@ -1,0 +1,1 @@
+"""Launchers of the Triton kernels: check, allocate, launch (the thin ops layer)."""

@@ -1,0 +1,36 @@
+"""Launcher of the prune + compress kernel."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..format import num_words
+from ..kernels.compress import compress_kernel
+from ..pruning import keep_count
+from .common import next_pow2
+
+#: Rows per program.
+BLOCK_ROWS = 32
+
+
+def compress_triton(x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
+    """Prune ``x [b, h, n, d]`` per token and write ``values [b, h, n, k_keep]`` and ``bitmaps [b, h, n, words]``.
+
+    ``values`` and ``bitmaps`` are views into the store (last dim contiguous); written in place.
+    """
+    b, h, n, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = b * h * n
+    if rows == 0:
+        return
+    bits32 = bitmaps.view(torch.int32)
+    compress_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        values, values.stride(0), values.stride(1), values.stride(2),
+        bits32, bits32.stride(0), bits32.stride(1), bits32.stride(2),
+        h, n, rows, keep_count(d, sparsity),
+        D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d), KEY_BITS=31 if x.dtype == torch.float32 else 15,
+        BLOCK_R=BLOCK_ROWS, num_warps=4,
+    )

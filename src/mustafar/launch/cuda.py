@@ -1,0 +1,139 @@
+"""Launcher of the CUDA C++ decode kernel (``csrc/decode.cu``), compiled at first use.
+
+The extension is built with ``torch.utils.cpp_extension.load`` (nvcc and ninja
+needed; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). It serves fp16/bf16
+caches with head_dim 64 or 128 and up to 16 query rows per KV head
+(``group * q_len``); :func:`cuda_supported` says whether a call qualifies, and
+the ops layer falls back to Triton otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from ..format import BitmapKV
+from .common import sm_count
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_LOG2E = 1.4426950408889634
+#: Head dims the CUDA kernel is compiled for.
+HEAD_DIMS = (64, 128)
+#: Query rows per KV head one CTA holds.
+MAX_ROWS = 16
+#: Tokens per CTA step (4 warps x 16) and the capacity granule the kernel stages whole.
+CTA_TOKENS = 64
+TILE_TOKENS = 16
+#: CTAs per multiprocessor the split heuristic aims for.
+CTAS_PER_SM = 4
+_WORKSPACE_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """Compile (once per machine) and import the CUDA extension."""
+    from torch.utils.cpp_extension import load
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}a" if major >= 9 else f"{major}{minor}"
+    flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"]
+    return load(
+        name=f"mustafar_cuda_sm{arch}",
+        sources=[os.path.join(_CSRC, name) for name in ("binding.cpp", "decode.cu", "compress.cu")],
+        extra_cuda_cflags=flags,
+        extra_include_paths=[_CSRC],
+        verbose=os.environ.get("MUSTAFAR_VERBOSE_BUILD") == "1",
+    )
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device of compute capability >= 8.0 is present (the kernel uses mma.sync and cp.async)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and x.stride(2) == x.shape[-1] and x.data_ptr() % 16 == 0
+
+
+def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window, attention_mask) -> bool:
+    """Whether the CUDA kernel can serve this call (else the caller uses Triton)."""
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in HEAD_DIMS):
+        return False
+    rows = query.shape[1] // key_cache.shape[1] * query.shape[2]
+    if rows > MAX_ROWS or query.stride(-1) != 1:
+        return False
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return False
+    if key_window is not None and key_window.stride(-1) != 1:
+        return False
+    for store in (key_cache, value_cache):
+        if store.capacity % TILE_TOKENS or not (_rows_ok(store.values) and _rows_ok(store.bitmaps)):
+            return False
+    return True
+
+
+def choose_splits(batch_heads: int, tokens: int, device: torch.device) -> int:
+    """Splits of the compressed tokens so that ``batch_heads * splits`` CTAs fill the GPU."""
+    if tokens == 0:
+        return 0
+    wanted = triton.cdiv(CTAS_PER_SM * sm_count(device), batch_heads)
+    return max(1, min(triton.cdiv(tokens, CTA_TOKENS), wanted))
+
+
+def decode_attention_cuda(
+    query: torch.Tensor,
+    key_cache: BitmapKV,
+    value_cache: BitmapKV,
+    key_window: torch.Tensor | None,
+    value_window: torch.Tensor | None,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Run the CUDA kernel; inputs checked by :func:`mustafar.sparse_decode_attention` and :func:`cuda_supported`."""
+    ext = load_extension()
+    b, hq, lq, d = query.shape
+    hkv, n_comp = key_cache.shape[1], key_cache.tokens
+    splits = choose_splits(b * hkv, n_comp, query.device) if num_splits is None else min(num_splits, n_comp)
+    per_split = triton.cdiv(triton.cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
+    splits = triton.cdiv(n_comp, per_split) if n_comp else 0
+    has_window = key_window is not None and key_window.shape[2] > 0
+    parts = splits + int(has_window)
+    part_o = torch.empty(parts, b * hkv, _WORKSPACE_ROWS, d, device=query.device, dtype=torch.float32)
+    part_m = torch.empty(parts, b * hkv, _WORKSPACE_ROWS, device=query.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    out = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+    empty = query.new_empty(0)
+    mask = empty
+    if attention_mask is not None:
+        mask = attention_mask.expand(b, hq, lq, n_comp + (key_window.shape[2] if has_window else 0))
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    ext.decode(
+        query, key_cache.values, key_cache.bitmaps.view(torch.int32), value_cache.values,
+        value_cache.bitmaps.view(torch.int32), key_window if has_window else empty,
+        value_window if has_window else empty, mask, part_o, part_m, part_l, out,
+        n_comp, per_split, splits, scale * _LOG2E,
+    )
+    return out
+
+
+def compress_supported(x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor) -> bool:
+    """Whether the CUDA compress kernel can serve ``x`` (else the caller uses Triton)."""
+    if not (cuda_available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if x.shape[-1] not in HEAD_DIMS or x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(2) * 2) % 16:
+        return False
+    return values.stride(-1) == 1 and values.stride(2) == values.shape[-1] and bitmaps.stride(2) == bitmaps.shape[-1]
+
+
+def compress_cuda(x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
+    """Run the CUDA prune + compress kernel (``k_keep`` from ``values``' last dim) into the given views."""
+    load_extension().compress(x, values, bitmaps.view(torch.int32))
+
+
+__all__ = ["compress_cuda", "compress_supported", "cuda_available", "cuda_supported", "decode_attention_cuda",
+           "load_extension"]

@@ -1,0 +1,90 @@
+"""Launcher of the fused sparse decode attention kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..format import BitmapKV, num_words
+from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
+from .common import interpreting, next_pow2, sm_count
+
+#: Tokens per inner step of a program.
+BLOCK_N = 64
+#: Programs per multiprocessor the split heuristic aims for.
+PROGRAMS_PER_SM = 2
+_LOG2E = 1.4426950408889634
+_MIN_DOT = 16
+
+
+def choose_splits(batch_heads: int, tokens: int, device: torch.device, block_n: int = BLOCK_N) -> int:
+    """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU."""
+    if tokens == 0:
+        return 0
+    blocks = triton.cdiv(tokens, block_n)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads)
+    return max(1, min(blocks, wanted))
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
+    if mask is None:
+        return None, (0, 0, 0), 0
+    mask = mask.expand(shape)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return mask, _strides(mask), 1 if mask.dtype == torch.bool else 2
+
+
+def decode_attention_triton(
+    query: torch.Tensor,
+    key_cache: BitmapKV,
+    value_cache: BitmapKV,
+    key_window: torch.Tensor | None,
+    value_window: torch.Tensor | None,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the sparse decode kernel and the split merge; inputs checked by :func:`mustafar.sparse_decode_attention`."""
+    b, hq, lq, d = query.shape
+    hkv, n_comp = key_cache.shape[1], key_cache.tokens
+    group = hq // hkv
+    n_win = 0 if key_window is None else key_window.shape[2]
+    rows = max(_MIN_DOT, next_pow2(group * lq))
+    groups = max(_MIN_DOT, next_pow2(math.ceil(d / 4)))
+    splits = choose_splits(b * hkv, n_comp, query.device) if num_splits is None else min(num_splits, n_comp)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(n_comp, tokens_per_split) if n_comp else 0
+    parts = splits + (1 if n_win else 0)
+    partial = torch.empty(parts, b * hkv, rows, d, device=query.device, dtype=torch.float32)
+    m_part = torch.empty(parts, b * hkv, rows, device=query.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    kw = query if key_window is None else key_window
+    vw = query if value_window is None else value_window
+    mask, mask_strides, mask_mode = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
+    kbits = key_cache.bitmaps.view(torch.int32)
+    vbits = value_cache.bitmaps.view(torch.int32)
+    sparse_decode_kernel[(parts, b * hkv)](
+        query, *_strides(query),
+        key_cache.values, *_strides(key_cache.values), kbits, *_strides(kbits),
+        value_cache.values, *_strides(value_cache.values), vbits, *_strides(vbits),
+        kw, *_strides(kw), vw, *_strides(vw),
+        query if mask is None else mask, *mask_strides,
+        partial, m_part, l_part,
+        hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * _LOG2E,
+        D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+        num_warps=4,
+    )
+    out = torch.empty_like(query)
+    merge_splits_kernel[(b * hkv, group * lq)](
+        partial, m_part, l_part, out, *_strides(out), hkv, group, lq, parts,
+        D=d, ROWS=rows, DP=next_pow2(d), BLOCK_S=min(64, next_pow2(parts)),
+    )
+    return out

@@ -1,0 +1,380 @@
+"""The bitmap format: exact round trip, the layout of DESIGN.md, memory figures, append and friends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mustafar
+from mustafar.format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from mustafar.pruning import keep_count, per_token_mask
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (1, 7, 64, 80, 96, 128, 256)
+LENGTHS = (1, 63, 64, 65, 1000)
+#: (batch, kv_heads) pairs: batch 1 and an odd batch, several head counts.
+BATCH_HEADS = ((1, 3), (3, 1))
+
+
+def randn(shape, seed, dtype=torch.float32):
+    """Seeded standard-normal data, drawn in fp32 and cast."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def randn_nonzero(shape, seed, dtype):
+    """Seeded normal data with ``|x| >= 1e-3``, so that no entry rounds to zero in fp16/bf16."""
+    x = randn(shape, seed)
+    return (x + torch.full_like(x, 1e-3).copysign(x)).to(dtype)
+
+
+def sparsities(head_dim):
+    """0, the paper's settings, and one that leaves a single entry per token."""
+    return (0.0, 0.5, 0.7, 1 - 0.5 / head_dim)
+
+
+def independent_bitmaps(mask: torch.Tensor) -> torch.Tensor:
+    """Words of a keep-mask ``[..., d]``: bit ``d % 64`` of word ``d // 64``, by int64 shifts (wraps at bit 63)."""
+    d = mask.shape[-1]
+    words = math.ceil(d / 64)
+    channel = torch.arange(d)
+    bits = mask.to(torch.int64) << (channel % 64)
+    out = torch.zeros(*mask.shape[:-1], words, dtype=torch.int64)
+    return out.index_add_(-1, channel // 64, bits)
+
+
+def python_bitmaps(kept: set[int], head_dim: int) -> list[int]:
+    """Words of one row from the set of kept channels, as signed int64, in pure Python."""
+    words = []
+    for w in range(math.ceil(head_dim / 64)):
+        word = sum(1 << (d - 64 * w) for d in kept if 64 * w <= d < 64 * (w + 1))
+        words.append(word - (1 << 64) if word >= 1 << 63 else word)
+    return words
+
+
+# ---------------------------------------------------------------- round trip
+def grid():
+    """Every (head_dim, tokens, dtype); the (batch, kv_heads) pair alternates so each appears with each."""
+    for i, head_dim in enumerate(HEAD_DIMS):
+        for j, tokens in enumerate(LENGTHS):
+            for k, dtype in enumerate(DTYPES):
+                batch, kv_heads = BATCH_HEADS[(i + j + k) % len(BATCH_HEADS)]
+                name = str(dtype).replace("torch.", "")
+                case_id = f"d{head_dim}-t{tokens}-{name}-b{batch}h{kv_heads}"
+                yield pytest.param(head_dim, tokens, dtype, batch, kv_heads, id=case_id)
+
+
+@pytest.mark.parametrize(("head_dim", "tokens", "dtype", "batch", "kv_heads"), list(grid()))
+def test_round_trip_and_layout(head_dim, tokens, dtype, batch, kv_heads):
+    seed = ((head_dim * 1009 + tokens) * 7 + DTYPES.index(dtype)) * 5 + batch
+    x = randn_nonzero((batch, kv_heads, tokens, head_dim), seed, dtype)  # kept channels = non-zeros of pruned
+    for sparsity in sparsities(head_dim):
+        kv = mustafar.compress(x, sparsity)
+        k_keep = head_dim - math.floor(sparsity * head_dim)
+        assert kv.k_keep == k_keep and kv.shape == x.shape and kv.tokens == tokens
+        pruned = mustafar.prune_per_token(x, sparsity)
+        assert torch.equal(kv.decompress(), pruned)
+        mask = pruned != 0
+        assert bool((mask.sum(-1) == k_keep).all())
+        assert kv.values.shape == (batch, kv_heads, tokens, k_keep) and kv.values.dtype == dtype
+        assert torch.equal(kv.values, x[mask].reshape(batch, kv_heads, tokens, k_keep))  # ascending channels
+        assert kv.bitmaps.shape == (batch, kv_heads, tokens, math.ceil(head_dim / 64))
+        assert kv.bitmaps.dtype == torch.int64
+        assert torch.equal(kv.bitmaps, independent_bitmaps(mask))
+        if sparsity == 0.0:
+            assert torch.equal(pruned, x)
+    assert k_keep == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_round_trip_non_contiguous(dtype):
+    x = randn((3, 65, 2, 80), seed=5, dtype=dtype).transpose(1, 2)  # [3, 2, 65, 80], a transposed view
+    assert not x.is_contiguous()
+    for sparsity in (0.0, 0.5, 0.7):
+        kv = mustafar.compress(x, sparsity)
+        assert torch.equal(kv.decompress(), mustafar.prune_per_token(x, sparsity))
+        assert torch.equal(kv.values, mustafar.compress(x.contiguous(), sparsity).values)
+    strided = randn((1, 2, 63, 256), seed=6, dtype=dtype)[..., ::2]  # head_dim 128 with stride 2
+    kv = mustafar.compress(strided, 0.7)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(strided.contiguous(), 0.7))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    head_dim=st.integers(1, 256),
+    tokens=st.integers(0, 9),
+    sparsity=st.floats(0.0, 1.0, exclude_max=True),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_property(head_dim, tokens, sparsity, dtype, seed):
+    x = randn((2, 1, tokens, head_dim), seed, dtype)
+    kv = mustafar.compress(x, sparsity)
+    assert kv.k_keep == keep_count(head_dim, sparsity)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(x, sparsity))
+    assert torch.equal(kv.bitmaps, independent_bitmaps(per_token_mask(x, sparsity)))
+
+
+# -------------------------------------------------------------------- layout
+@pytest.mark.parametrize("head_dim", [1, 7, 63, 64, 65, 80, 127, 128, 129, 200, 256])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_layout_against_pure_python(head_dim, sparsity):
+    x = randn((1, 2, 5, head_dim), seed=head_dim * 10 + int(sparsity * 10))
+    kv = mustafar.compress(x, sparsity)
+    k = kv.k_keep
+    for h in range(2):
+        for t in range(5):
+            row = x[0, h, t].tolist()
+            kept = sorted(sorted(range(head_dim), key=lambda i: (-abs(row[i]), i))[:k])
+            assert kv.values[0, h, t].tolist() == [row[d] for d in kept]
+            assert kv.bitmaps[0, h, t].tolist() == python_bitmaps(set(kept), head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 65, 128, 200, 256])
+def test_sign_bit_channels(head_dim):
+    """Channels 63, 127, ... sit in the sign bit of an int64 word."""
+    x = randn((1, 1, 2, head_dim), seed=head_dim) * 0.01
+    top = list(range(63, head_dim, 64))
+    x[0, 0, 0, top] = 100.0
+    x[0, 0, 1, head_dim - 1] = -100.0  # last channel (bit (head_dim - 1) % 64 of the last word)
+    kv = mustafar.compress(x, 1 - 0.5 / head_dim)  # one entry per token
+    words = kv.bitmaps[0, 0].tolist()
+    assert words[0][0] == -(2**63)
+    last = [0] * math.ceil(head_dim / 64)
+    last[-1] = python_bitmaps({(head_dim - 1) % 64}, 64)[0]
+    assert words[1] == last
+    assert kv.values[0, 0].flatten().tolist() == [100.0, -100.0]
+    kv = mustafar.compress(x, (head_dim - len(top)) / head_dim)  # keeps exactly the sign-bit channels
+    assert kv.bitmaps[0, 0, 0].tolist() == [-(2**63)] * len(top) + [0] * (math.ceil(head_dim / 64) - len(top))
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(x, (head_dim - len(top)) / head_dim))
+
+
+def test_tail_bits_past_head_dim_are_zero():
+    x = randn((2, 2, 7, 80), seed=8)
+    kv = mustafar.compress(x, 0.0)  # all 80 channels kept: word 1 holds bits 0..15 only
+    assert bool((kv.bitmaps[..., 0] == -1).all())
+    assert bool((kv.bitmaps[..., 1] == 2**16 - 1).all())
+
+
+# -------------------------------------------------------------------- memory
+def ratio_case(head_dim, sparsity):
+    k_keep = head_dim - math.floor(sparsity * head_dim)
+    per_token = 2 * k_keep + 8 * math.ceil(head_dim / 64)
+    ratio = per_token / (2 * head_dim)
+    case_id = f"fp16-d{head_dim}-s{sparsity}-{per_token}B-{ratio:.2%}"
+    return pytest.param(head_dim, sparsity, per_token, ratio, id=case_id)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "sparsity", "per_token", "ratio"),
+    [ratio_case(d, s) for d in (64, 128) for s in (0.5, 0.7)],
+)
+def test_memory_ratio_fp16(head_dim, sparsity, per_token, ratio):
+    x = randn((3, 2, 65, head_dim), seed=head_dim, dtype=torch.float16)
+    kv = mustafar.compress(x, sparsity)
+    assert bytes_per_token(head_dim, sparsity, torch.float16) == per_token
+    assert kv.nbytes == 3 * 2 * 65 * per_token
+    assert kv.nbytes / kv.dense_nbytes == pytest.approx(ratio, abs=1e-12)
+
+
+def test_memory_figures_of_design():
+    assert bytes_per_token(128, 0.7) == 94 and 94 / dense_bytes_per_token(128) == pytest.approx(0.367, abs=5e-4)
+    assert bytes_per_token(128, 0.5) == 144 and 144 / dense_bytes_per_token(128) == pytest.approx(0.563, abs=5e-4)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_nbytes_formula(head_dim, dtype):
+    b, h, t = 3, 2, 63
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for sparsity in sparsities(head_dim):
+        kv = mustafar.compress(randn((b, h, t, head_dim), seed=head_dim, dtype=dtype), sparsity)
+        k_keep = head_dim - math.floor(sparsity * head_dim)
+        assert kv.nbytes == b * h * t * (k_keep * itemsize + 8 * math.ceil(head_dim / 64))
+        assert kv.dense_nbytes == b * h * t * head_dim * itemsize
+        assert kv.allocated_nbytes >= kv.nbytes
+
+
+# -------------------------------------------------------------------- append
+@settings(max_examples=40, deadline=None)
+@given(
+    chunks=st.lists(st.integers(0, 20), min_size=1, max_size=8),
+    head_dim=st.sampled_from((7, 64, 80, 128)),
+    sparsity=st.sampled_from((0.0, 0.5, 0.7)),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_append_any_chunking_equals_compress_at_once(chunks, head_dim, sparsity, dtype, seed):
+    x = randn((3, 2, sum(chunks), head_dim), seed, dtype)
+    whole = mustafar.compress(x, sparsity)
+    store = BitmapKV.empty(3, 2, head_dim, sparsity, dtype=dtype)
+    start = 0
+    for n in chunks:
+        store.append(x[:, :, start : start + n])
+        start += n
+    assert store.tokens == whole.tokens == sum(chunks)
+    assert torch.equal(store.values, whole.values) and torch.equal(store.bitmaps, whole.bitmaps)
+    assert torch.equal(store.decompress(), mustafar.prune_per_token(x, sparsity))
+
+
+def test_capacity_grows_geometrically():
+    tokens = 1000
+    x = randn((1, 2, tokens, 64), seed=9, dtype=torch.float16)
+    store = BitmapKV.empty(1, 2, 64, 0.7, dtype=torch.float16)
+    capacities = [store.capacity]
+    for t in range(tokens):
+        store.append(x[:, :, t : t + 1])
+        if store.capacity != capacities[-1]:
+            capacities.append(store.capacity)
+    reallocations = len(capacities) - 1
+    assert reallocations <= math.ceil(math.log2(tokens)) + 1
+    assert store.capacity < 2 * tokens and store.allocated_nbytes < 2 * store.nbytes
+    assert torch.equal(store.decompress(), mustafar.prune_per_token(x, 0.7))
+
+
+def test_reserve_keeps_contents():
+    x = randn((1, 1, 10, 96), seed=10)
+    kv = mustafar.compress(x, 0.5)
+    capacity = kv.capacity
+    assert capacity >= 10
+    kv.reserve(5)
+    assert kv.capacity == capacity
+    kv.reserve(100)
+    assert kv.capacity >= 100 and kv.tokens == 10
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(x, 0.5))
+
+
+def test_append_non_contiguous():
+    x = randn((2, 30, 3, 128), seed=11, dtype=torch.bfloat16).transpose(1, 2)
+    store = mustafar.compress(x[:, :, :10], 0.7)
+    store.append(x[:, :, 10:])
+    assert torch.equal(store.decompress(), mustafar.prune_per_token(x, 0.7))
+
+
+def test_empty_store():
+    kv = mustafar.compress(randn((2, 3, 0, 80), seed=12), 0.5)
+    assert kv.tokens == 0 and kv.nbytes == 0 and kv.shape == (2, 3, 0, 80)
+    assert kv.decompress().shape == (2, 3, 0, 80)
+    store = BitmapKV.empty(1, 2, 64, 0.5, capacity=16)
+    assert store.capacity >= 16 and store.decompress().shape == (1, 2, 0, 64)
+    assert "BitmapKV(shape=(1, 2, 0, 64)" in repr(store)
+
+
+def test_truncate_then_append():
+    x = randn((2, 2, 20, 64), seed=13)
+    kv = mustafar.compress(x[:, :, :10], 0.7)
+    kv.truncate(4)
+    assert kv.tokens == 4 and kv.shape == (2, 2, 4, 64)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(x[:, :, :4], 0.7))
+    kv.append(x[:, :, 10:20])
+    expected = torch.cat([x[:, :, :4], x[:, :, 10:20]], dim=2)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(expected, 0.7))
+    kv.truncate(0)
+    assert kv.tokens == 0 and kv.nbytes == 0
+    with pytest.raises(ValueError, match="tokens"):
+        kv.truncate(1)
+    with pytest.raises(ValueError, match="tokens"):
+        kv.truncate(-1)
+    with pytest.raises(TypeError, match="tokens"):
+        kv.truncate(2.5)
+
+
+def test_select_batch_reorders_and_repeats():
+    x = randn((3, 2, 9, 80), seed=14, dtype=torch.float16)
+    kv = mustafar.compress(x, 0.5)
+    kv.select_batch(torch.tensor([2, 0, 0]))
+    assert kv.shape == (3, 2, 9, 80)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(x[[2, 0, 0]], 0.5))
+    more = randn((3, 2, 4, 80), seed=15, dtype=torch.float16)
+    kv.append(more)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(torch.cat([x[[2, 0, 0]], more], 2), 0.5))
+    kv.select_batch(torch.tensor([1]))
+    assert kv.shape == (1, 2, 13, 80)
+    assert torch.equal(kv.decompress(), mustafar.prune_per_token(torch.cat([x[[0]], more[[1]]], 2), 0.5))
+
+
+def test_append_compressed():
+    x = randn((2, 3, 40, 96), seed=16, dtype=torch.bfloat16)
+    kv = mustafar.compress(x[:, :, :15], 0.7)
+    tail = mustafar.compress(x[:, :, 15:], 0.7)
+    kv.append_compressed(tail.values, tail.bitmaps)
+    whole = mustafar.compress(x, 0.7)
+    assert kv.tokens == 40
+    assert torch.equal(kv.values, whole.values) and torch.equal(kv.bitmaps, whole.bitmaps)
+
+
+# ----------------------------------------------------------------- bad input
+def test_append_compressed_bad_input():
+    kv = mustafar.compress(randn((2, 3, 5, 96), seed=17, dtype=torch.float16), 0.7)
+    other = mustafar.compress(randn((2, 3, 4, 96), seed=18, dtype=torch.float16), 0.7)
+    with pytest.raises(TypeError, match="values"):
+        kv.append_compressed(other.values.float(), other.bitmaps)
+    with pytest.raises(ValueError, match="values"):
+        kv.append_compressed(other.values[..., :-1], other.bitmaps)
+    with pytest.raises(ValueError, match="values"):
+        kv.append_compressed(other.values[:1], other.bitmaps[:1])
+    with pytest.raises(TypeError, match="bitmaps"):
+        kv.append_compressed(other.values, other.bitmaps.int())
+    with pytest.raises(ValueError, match="bitmaps"):
+        kv.append_compressed(other.values, other.bitmaps[:, :, :3])
+    with pytest.raises(ValueError, match="values must have 4 dimensions"):
+        kv.append_compressed(other.values[0], other.bitmaps[0])
+    assert kv.tokens == 5
+
+
+def test_append_bad_rows():
+    kv = BitmapKV.empty(2, 3, 64, 0.5, dtype=torch.float16)
+    with pytest.raises(TypeError, match="x must have the store's dtype"):
+        kv.append(randn((2, 3, 4, 64), seed=19))
+    with pytest.raises(ValueError, match="x must be"):
+        kv.append(randn((2, 2, 4, 64), seed=20, dtype=torch.float16))
+    with pytest.raises(ValueError, match="x must be"):
+        kv.append(randn((2, 3, 4, 80), seed=21, dtype=torch.float16))
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        kv.append(randn((3, 4, 64), seed=22, dtype=torch.float16))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        kv.append("rows")
+    assert kv.tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "error"),
+    [(-0.1, ValueError), (1.0, ValueError), (float("nan"), ValueError), (False, TypeError), ("0.5", TypeError)],
+    ids=repr,
+)
+def test_compress_bad_sparsity(sparsity, error):
+    with pytest.raises(error, match="sparsity"):
+        mustafar.compress(randn((1, 1, 3, 64), seed=23), sparsity)
+    with pytest.raises(error, match="sparsity"):
+        BitmapKV.empty(1, 1, 64, sparsity)
+
+
+def test_compress_and_empty_bad_shapes():
+    with pytest.raises(ValueError, match="head_dim"):
+        mustafar.compress(randn((1, 1, 3, 257), seed=24), 0.5)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        mustafar.compress(randn((1, 3, 64), seed=25), 0.5)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mustafar.compress(randn((1, 1, 3, 64), seed=26).double(), 0.5)
+    with pytest.raises(ValueError, match="head_dim"):
+        BitmapKV.empty(1, 1, 300, 0.5)
+    with pytest.raises(ValueError, match="batch"):
+        BitmapKV.empty(0, 1, 64, 0.5)
+    with pytest.raises(TypeError, match="kv_heads"):
+        BitmapKV.empty(1, 2.0, 64, 0.5)
+    with pytest.raises(ValueError, match="capacity"):
+        BitmapKV.empty(1, 1, 64, 0.5, capacity=-1)
+
+
+def test_constructor_checks():
+    kv = mustafar.compress(randn((1, 2, 5, 80), seed=27), 0.5)
+    assert BitmapKV(kv.values, kv.bitmaps, 80, 0.5).tokens == 5
+    with pytest.raises(ValueError, match="values"):
+        BitmapKV(kv.values, kv.bitmaps, 80, 0.7)
+    with pytest.raises(ValueError, match="bitmaps"):
+        BitmapKV(kv.values, kv.bitmaps[..., :1], 80, 0.5)
+    with pytest.raises(TypeError, match="bitmaps"):
+        BitmapKV(kv.values, kv.bitmaps.float(), 80, 0.5)

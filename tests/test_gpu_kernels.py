@@ -1,0 +1,101 @@
+"""GPU checks of the CUDA and Triton kernels against the PyTorch references (skipped without CUDA).
+
+Run on a CUDA machine: ``pytest -q tests/test_gpu_kernels.py``. The same shapes at full size
+are checked by ``benchmarks/attention.py --check``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mustafar import compress
+from mustafar.format import BitmapKV
+from mustafar.ops import compress_into, sparse_decode_attention
+from mustafar.reference import compress_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _random_case(batch, kv_heads, group, q_len, tokens, window, head_dim, dtype, sparsity, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)  # noqa: E731
+    query = rand(batch, kv_heads * group, q_len, head_dim)
+    keys = compress(rand(batch, kv_heads, tokens, head_dim), sparsity)
+    values = compress(rand(batch, kv_heads, tokens, head_dim), sparsity)
+    key_window = rand(batch, kv_heads, window, head_dim) if window else None
+    value_window = rand(batch, kv_heads, window, head_dim) if window else None
+    return query, keys, values, key_window, value_window
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "batch,kv_heads,group,q_len,tokens,window",
+    [(1, 1, 1, 1, 1, 0), (3, 2, 3, 1, 63, 5), (1, 8, 4, 1, 64, 0), (2, 3, 3, 1, 65, 32), (1, 4, 8, 2, 300, 17),
+     (2, 2, 4, 4, 1000, 40), (1, 8, 4, 1, 5000, 32), (3, 1, 16, 1, 777, 0), (1, 2, 2, 1, 0, 20)],
+)
+def test_decode_matches_reference(backend, dtype, head_dim, batch, kv_heads, group, q_len, tokens, window):
+    case = _random_case(batch, kv_heads, group, q_len, tokens, window, head_dim, dtype, 0.7, tokens + window)
+    out = sparse_decode_attention(*case, backend=backend)
+    ref = sparse_decode_attention(*case, backend="torch")
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_decode_with_bool_mask(backend):
+    query, keys, values, kw, vw = _random_case(2, 4, 4, 2, 500, 20, 128, torch.float16, 0.5, 7)
+    mask = torch.rand(2, 1, 2, 520, device="cuda") > 0.3
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend=backend, attention_mask=mask)
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch", attention_mask=mask)
+    assert _rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_decode_sparsity_zero_equals_dense_sdpa():
+    query, keys, values, kw, vw = _random_case(2, 8, 4, 1, 3000, 32, 128, torch.float16, 0.0, 11)
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend="cuda")
+    k = torch.cat([keys.decompress(), kw], 2)
+    v = torch.cat([values.decompress(), vw], 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, enable_gqa=True)
+    assert _rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_decode_store_with_spare_capacity():
+    """A store grown by appends (capacity > tokens, stale rows past the end) gives the same result."""
+    query, keys, values, kw, vw = _random_case(1, 2, 4, 1, 100, 8, 128, torch.float16, 0.7, 3)
+    grown_k = BitmapKV.empty(1, 2, 128, 0.7, torch.float16, "cuda", capacity=1000)
+    grown_v = BitmapKV.empty(1, 2, 128, 0.7, torch.float16, "cuda", capacity=1000)
+    grown_k.append_compressed(keys.values, keys.bitmaps)
+    grown_v.append_compressed(values.values, values.bitmaps)
+    grown_k._bitmaps[:, :, 100:] = -1  # stale garbage past the token count must be ignored
+    out = sparse_decode_attention(query, grown_k, grown_v, kw, vw, backend="cuda")
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch")
+    assert _rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.99])
+def test_compress_bit_exact(backend, dtype, head_dim, sparsity):
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(3, 4, 333, head_dim, generator=gen, device="cuda", dtype=dtype)
+    x[..., 7] = x[..., 3]  # ties
+    x[..., 9] = -x[..., 3]
+    x[0, 0, 0] = 0.0
+    store = BitmapKV.empty(3, 4, head_dim, sparsity, dtype, "cuda", capacity=400)
+    store._values.fill_(7.0)
+    compress_into(x, sparsity, store._values, store._bitmaps, 5, backend=backend)
+    ref_values, ref_bitmaps = compress_reference(x, sparsity)
+    assert torch.equal(store._values[:, :, 5:338], ref_values)
+    assert torch.equal(store._bitmaps[:, :, 5:338], ref_bitmaps)
+    assert (store._values[:, :, :5] == 7.0).all() and (store._values[:, :, 338:] == 7.0).all()
