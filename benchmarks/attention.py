@@ -35,7 +35,7 @@ from triton.testing import do_bench
 
 from mustafar.format import BitmapKV, bytes_per_token
 from mustafar.ops import compress_into, sparse_decode_attention
-from mustafar.pruning import keep_count
+from mustafar.reference import compress_reference
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 WINDOW = 32
@@ -45,14 +45,11 @@ ROTATE_BYTES = 4 * L2_BYTES
 
 def read_bandwidth() -> tuple[float, float]:
     """(device-to-device copy rate counting read+write, plain read rate via a sum), bytes/s."""
-    x = torch.randn(1 << 30, device="cuda", dtype=torch.float16)  # 2 GiB
-    y = torch.empty_like(x)
-    t_copy = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median") * 1e-3
-    t_sum = do_bench(lambda: x.sum(dtype=torch.float32), warmup=50, rep=300, return_mode="median") * 1e-3
-    nbytes = x.numel() * 2
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * nbytes / t_copy, nbytes / t_sum
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.float16)  # 2 GiB
+    dst = torch.empty_like(src)
+    t_copy = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median") * 1e-3
+    t_sum = do_bench(lambda: src.sum(dtype=torch.float32), warmup=50, rep=300, return_mode="median") * 1e-3
+    return 2 * src.numel() * 2 / t_copy, src.numel() * 2 / t_sum
 
 
 def graph_time(fn, calls: int = 20) -> float:
@@ -83,63 +80,74 @@ def rotating(make, one_set_bytes: int):
     return sets, next_set
 
 
-def bench_case(name, batch, context, sparsity, backends, read_bw, check):
+def time_dense(name, batch, context):
+    """(eager, graph) seconds of default-backend SDPA on dense random K/V of ``context`` tokens."""
     hq, hkv, d = SHAPES[name]
-    dtype = torch.float16
-    n_comp = context - WINDOW
-    dense_bytes = 2 * batch * hkv * context * d * 2
 
-    def make_dense():
-        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=dtype)
-        k = torch.randn(batch, hkv, context, d, device="cuda", dtype=dtype)
-        v = torch.randn(batch, hkv, context, d, device="cuda", dtype=dtype)
+    def make():
+        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
+        k = torch.randn(batch, hkv, context, d, device="cuda", dtype=torch.float16)
+        v = torch.randn(batch, hkv, context, d, device="cuda", dtype=torch.float16)
         return q, k, v
 
-    dense_sets, next_dense = rotating(make_dense, dense_bytes)
-    dense_fn = lambda: F.scaled_dot_product_attention(*next_dense(), enable_gqa=True)  # noqa: E731
-    t_dense = do_bench(dense_fn, warmup=25, rep=200, return_mode="median") * 1e-3
-    t_dense_graph = graph_time(lambda: F.scaled_dot_product_attention(*dense_sets[0], enable_gqa=True))
+    sets, next_set = rotating(make, 2 * batch * hkv * context * d * 2)
+    eager = do_bench(lambda: F.scaled_dot_product_attention(*next_set(), enable_gqa=True), warmup=25, rep=200,
+                     return_mode="median") * 1e-3
+    graph = graph_time(lambda: F.scaled_dot_product_attention(*sets[0], enable_gqa=True))
+    return eager, graph
 
-    sparse_bytes = batch * hkv * n_comp * 2 * bytes_per_token(d, sparsity, dtype)
-    window_bytes = 2 * batch * hkv * WINDOW * d * 2
-    io_bytes = 2 * batch * hq * d * 2
-    total_bytes = sparse_bytes + window_bytes + io_bytes
 
-    def make_sparse():
-        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=dtype)
+def time_sparse(name, batch, context, sparsity, backends, check):
+    """Per backend: (eager seconds, graph seconds, relative error vs the reference or None)."""
+    hq, hkv, d = SHAPES[name]
+    n_comp = context - WINDOW
+
+    def make():
+        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
         stores = []
         for _ in range(2):
-            store = BitmapKV.empty(batch, hkv, d, sparsity, dtype, "cuda", capacity=n_comp)
-            x = torch.randn(batch, hkv, n_comp, d, device="cuda", dtype=dtype)
-            store.append(x)
-            del x
+            store = BitmapKV.empty(batch, hkv, d, sparsity, torch.float16, "cuda", capacity=n_comp)
+            store.append(torch.randn(batch, hkv, n_comp, d, device="cuda", dtype=torch.float16))
             stores.append(store)
-        kw = torch.randn(batch, hkv, WINDOW, d, device="cuda", dtype=dtype)
-        vw = torch.randn(batch, hkv, WINDOW, d, device="cuda", dtype=dtype)
+        kw = torch.randn(batch, hkv, WINDOW, d, device="cuda", dtype=torch.float16)
+        vw = torch.randn(batch, hkv, WINDOW, d, device="cuda", dtype=torch.float16)
         return q, stores[0], stores[1], kw, vw
 
-    del dense_sets
+    sets, next_set = rotating(make, batch * hkv * n_comp * 2 * bytes_per_token(d, sparsity))
+    results = {}
+    for backend in backends:
+        eager = do_bench(lambda b=backend: sparse_decode_attention(*next_set(), backend=b), warmup=25, rep=200,
+                         return_mode="median") * 1e-3
+        graph = graph_time(lambda b=backend: sparse_decode_attention(*sets[0], backend=b))
+        err = None
+        if check:
+            out = sparse_decode_attention(*sets[0], backend=backend)
+            ref = sparse_decode_attention(*sets[0], backend="torch")
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        results[backend] = (eager, graph, err)
+    return results
+
+
+def bench_case(name, batch, context, sparsity, backends, read_bw, check):
+    hq, hkv, d = SHAPES[name]
+    n_comp = context - WINDOW
+    dense_bytes = 2 * batch * hkv * context * d * 2
+    total_bytes = (batch * hkv * n_comp * 2 * bytes_per_token(d, sparsity) + 2 * batch * hkv * WINDOW * d * 2
+                   + 2 * batch * hq * d * 2)
+    t_dense, t_dense_graph = time_dense(name, batch, context)
     torch.cuda.empty_cache()
-    sparse_sets, next_sparse = rotating(make_sparse, total_bytes)
     row = dict(shape=name, batch=batch, context=context, sparsity=sparsity, dense_us=t_dense * 1e6,
                dense_graph_us=t_dense_graph * 1e6, bytes=total_bytes, dense_bytes=dense_bytes,
                floor_us=total_bytes / read_bw * 1e6, dense_floor_us=dense_bytes / read_bw * 1e6)
-    for backend in backends:
-        fn = lambda: sparse_decode_attention(*next_sparse(), backend=backend)  # noqa: E731
-        t = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-        tg = graph_time(lambda: sparse_decode_attention(*sparse_sets[0], backend=backend))
+    for backend, (t, tg, err) in time_sparse(name, batch, context, sparsity, backends, check).items():
         row[f"{backend}_us"] = t * 1e6
         row[f"{backend}_graph_us"] = tg * 1e6
         row[f"{backend}_speedup"] = t_dense / t
         row[f"{backend}_graph_speedup"] = t_dense_graph / tg
         row[f"{backend}_bw_tbs"] = total_bytes / tg / 1e12
         row[f"{backend}_over_floor"] = tg / (total_bytes / read_bw)
-        if check:
-            case = sparse_sets[0]
-            out = sparse_decode_attention(*case, backend=backend)
-            ref = sparse_decode_attention(*case, backend="torch")
-            row[f"{backend}_rel_err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    del sparse_sets
+        if err is not None:
+            row[f"{backend}_rel_err"] = err
     torch.cuda.empty_cache()
     return row
 
@@ -159,26 +167,18 @@ def bench_compress(name, batch, sparsity, backends, read_bw, tokens=4096):
     row = dict(shape=name, batch=batch, tokens=tokens, sparsity=sparsity, read_bytes=in_bytes,
                write_bytes=out_bytes)
     for backend in backends:
-        def fn():
+        def fn(b=backend):
             x, store = next_set()
-            compress_into(x, sparsity, store._values, store._bitmaps, 0, backend=backend)
+            compress_into(x, sparsity, store._values, store._bitmaps, 0, backend=b)
         t = do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
         row[f"{backend}_us"] = t * 1e6
         row[f"{backend}_read_fraction"] = in_bytes / t / read_bw
         x, store = sets[0]
         compress_into(x, sparsity, store._values, store._bitmaps, 0, backend=backend)
-        ref_v, ref_b = mustafar_reference_compress(x, sparsity)
+        ref_v, ref_b = compress_reference(x, sparsity)
         row[f"{backend}_exact"] = bool(torch.equal(store._values[:, :, :tokens], ref_v)
                                        and torch.equal(store._bitmaps[:, :, :tokens], ref_b))
-    del sets
-    torch.cuda.empty_cache()
     return row
-
-
-def mustafar_reference_compress(x, sparsity):
-    from mustafar.reference import compress_reference
-
-    return compress_reference(x, sparsity)
 
 
 def environment() -> dict:
@@ -212,18 +212,18 @@ def main():
     env.update(copy_bw_tbs=copy_bw / 1e12, read_bw_tbs=read_bw / 1e12)
     print(json.dumps(env), flush=True)
     rows, comp_rows = [], []
-    batches, contexts = ((8,), (32768,)) if args.quick else ((1, 8, 32), (4096, 32768))
+    batches, contexts = ((8,), (32768,)) if args.quick else ((8, 32, 1), (32768, 4096))
     for name in args.shapes.split(","):
-        for batch in batches:
-            for context in contexts:
-                for sparsity in (0.5, 0.7):
-                    row = bench_case(name, batch, context, sparsity, backends, read_bw, args.check)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
         for sparsity in (0.5, 0.7):
             comp = bench_compress(name, 32, sparsity, backends, read_bw)
             print(json.dumps(comp), flush=True)
             comp_rows.append(comp)
+        for context in contexts:
+            for batch in batches:
+                for sparsity in (0.7, 0.5):
+                    row = bench_case(name, batch, context, sparsity, backends, read_bw, args.check)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump(dict(environment=env, attention=rows, compress=comp_rows), f, indent=1)

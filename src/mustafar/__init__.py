@@ -5,8 +5,11 @@ Method: Joo, Hosseini, Hadidi, Asgari, "Mustafar: Promoting Unstructured Sparsit
 for KV Cache Pruning in LLM Inference", arXiv 2505.22913 (NeurIPS 2025).
 """
 
+from .attention import ATTENTION_NAME, mustafar_attention_forward
+from .cache import MustafarCache, MustafarLayer
 from .config import SETTINGS, SparsityConfig, parse_setting
 from .format import BitmapKV, bytes_per_token, compress, dense_bytes_per_token
+from .models import load_model
 from .ops import available_backends, sparse_decode_attention
 from .pruning import (
     keep_count,

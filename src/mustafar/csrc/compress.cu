@@ -17,7 +17,7 @@
 namespace {
 
 constexpr int kRowsPerCta = 128;
-constexpr int kPad = 8;  // bytes of padding per staged input row (bank spread for the per-thread LDS.128)
+constexpr int kPad = 16;  // bytes of padding per staged input row: keeps 16-byte alignment, spreads banks
 
 template <typename T>
 struct Packed;

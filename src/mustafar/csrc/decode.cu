@@ -72,6 +72,19 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
@@ -466,7 +479,7 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
   }
   const int b = bh / kv_heads, h = bh % kv_heads;
   const int head = h * group + r / q_len, qi = r % q_len;
-  out[b * o_sb + head * o_sh + qi * o_sl + ch] = T(lsum > 0.f ? acc / lsum : 0.f);
+  out[b * o_sb + head * o_sh + qi * o_sl + ch] = from_float<T>(lsum > 0.f ? acc / lsum : 0.f);
 }
 
 template <typename T, int D, bool MASKED, bool ROWS8>

@@ -1,0 +1,23 @@
+"""One small call of each CUDA kernel, for ``compute-sanitizer --tool memcheck`` (issue 7)."""
+
+import torch
+
+from mustafar import compress
+from mustafar.format import BitmapKV
+from mustafar.ops import compress_into, sparse_decode_attention
+
+torch.manual_seed(0)
+for dtype, d in ((torch.float16, 128), (torch.bfloat16, 64)):
+    q = torch.randn(2, 8, 1, d, device="cuda", dtype=dtype)
+    keys = compress(torch.randn(2, 2, 333, d, device="cuda", dtype=dtype), 0.7)
+    values = compress(torch.randn(2, 2, 333, d, device="cuda", dtype=dtype), 0.7)
+    kw = torch.randn(2, 2, 21, d, device="cuda", dtype=dtype)
+    vw = torch.randn(2, 2, 21, d, device="cuda", dtype=dtype)
+    mask = torch.rand(2, 1, 1, 354, device="cuda") > 0.2
+    out = sparse_decode_attention(q, keys, values, kw, vw, backend="cuda", attention_mask=mask)
+    out2 = sparse_decode_attention(q, keys, values, kw, vw, backend="cuda")
+    store = BitmapKV.empty(2, 2, d, 0.5, dtype, "cuda", capacity=100)
+    compress_into(torch.randn(2, 2, 77, d, device="cuda", dtype=dtype), 0.5, store._values, store._bitmaps, 3,
+                  backend="cuda")
+    torch.cuda.synchronize()
+    print(dtype, d, "finite:", bool(torch.isfinite(out).all() and torch.isfinite(out2).all()))
