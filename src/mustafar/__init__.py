@@ -11,6 +11,7 @@ from .config import SETTINGS, SparsityConfig, parse_setting
 from .format import BitmapKV, bytes_per_token, compress, dense_bytes_per_token
 from .models import load_model
 from .ops import available_backends, sparse_decode_attention
+from .static_cache import StaticMustafarCache
 from .pruning import (
     keep_count,
     prune_output_aware,

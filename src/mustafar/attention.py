@@ -11,8 +11,9 @@ argument up:
 
 - not linked (e.g. a ``DynamicCache``): plain SDPA, exactly transformers' ``"sdpa"``;
 - linked, prefill (the tensors hold every token, unpruned): the same SDPA;
-- linked, decode (the tensors are the local window):
-  :func:`mustafar.sparse_decode_attention` over the compressed store + window.
+- linked, decode (the tensors are the local window): ``layer.attend(...)``, i.e.
+  :func:`mustafar.sparse_decode_attention` over the compressed store + window
+  (or its static, graph-capturable form for :class:`~mustafar.StaticMustafarCache`).
 
 The mask comes from transformers' SDPA mask function (registered for
 ``"mustafar"`` too): ``None`` or bool ``[batch, 1, q_len, kv_len]`` (True =
@@ -40,9 +41,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .ops import sparse_decode_attention
 
-__all__ = ["ATTENTION_NAME", "Link", "link_tensor", "linked", "mustafar_attention_forward"]
+__all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "mustafar_attention_forward"]
 
 #: Name of the attention implementation: ``attn_implementation="mustafar"``.
 ATTENTION_NAME = "mustafar"
@@ -88,7 +88,7 @@ def linked(tensor: torch.Tensor) -> Link | None:
     return None if layer is None else Link(layer, entry[2])
 
 
-def _held_mask(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+def held_mask(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
     """The first ``tokens`` key columns of a 4-d mask (masks may be longer than the tokens held)."""
     if attention_mask is None:
         return None
@@ -146,11 +146,7 @@ def mustafar_attention_forward(
         )
     layer = link.layer
     scale = scaling if scaling is not None else getattr(module, "scaling", None)
-    mask = _held_mask(attention_mask, layer.get_seq_length())
-    window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
-    out = sparse_decode_attention(
-        query, layer.key_store, layer.value_store, *window, scale=scale, backend=layer.backend, attention_mask=mask
-    )
+    out = layer.attend(query, key, value, scale, attention_mask)
     layer.consume()
     return out.transpose(1, 2).contiguous(), None
 

@@ -40,10 +40,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._checks import check_positive_int, check_sparsity
-from .attention import Link, link_tensor
+from .attention import Link, held_mask, link_tensor
 from .config import SparsityConfig
 from .format import BitmapKV
-from .ops import BACKENDS
+from .ops import BACKENDS, sparse_decode_attention
 
 __all__ = ["LayerSparsity", "MustafarCache", "MustafarLayer"]
 
@@ -162,6 +162,17 @@ class MustafarLayer(CacheLayerMixin):
     def consume(self) -> None:
         """Mark the output of the last :meth:`update` as read by the ``"mustafar"`` attention."""
         self._unconsumed = False
+
+    def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
+        """Decode attention of ``query [b, q_heads, q_len, d]`` over the store and the window ``key``/``value``.
+
+        ``attention_mask`` covers every token held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
+        """
+        mask = held_mask(attention_mask, self.get_seq_length())
+        window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
+        return sparse_decode_attention(
+            query, self.key_store, self.value_store, *window, scale=scale, backend=self.backend, attention_mask=mask
+        )
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -166,6 +166,15 @@ class BitmapKV:
         return self._bitmaps[:, :, : self._tokens]
 
     @property
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers ``(values [b, h, capacity, k_keep], bitmaps [b, h, capacity, words])``.
+
+        Rows past :attr:`tokens` are room for appends (their content is unspecified); the static
+        decode path writes and reads them with device-side counts.
+        """
+        return self._values, self._bitmaps
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
         """Logical dense shape ``(batch, kv_heads, tokens, head_dim)``."""
         b, h = self._values.shape[:2]

@@ -20,7 +20,8 @@ void check(int err, const char* what) {
 void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& kb, const torch::Tensor& vv,
             const torch::Tensor& vb, const torch::Tensor& kw, const torch::Tensor& vw, const torch::Tensor& mask,
             torch::Tensor& part_o, torch::Tensor& part_m, torch::Tensor& part_l, torch::Tensor& out, int64_t n_comp,
-            int64_t tokens_per_split, int64_t n_splits, double scale_log2e) {
+            int64_t tokens_per_split, int64_t n_splits, double scale_log2e, const torch::Tensor& length,
+            int64_t window) {
   DecodeParams p{};
   p.q = half_ptr(q);
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
@@ -50,6 +51,12 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
   p.tokens_per_split = tokens_per_split;
   p.n_splits = n_splits;
   p.scale_log2e = static_cast<float>(scale_log2e);
+  if (length.numel() > 0) {
+    TORCH_CHECK(length.scalar_type() == torch::kLong && length.is_cuda(), "length must be a CUDA int64 tensor");
+    p.length = reinterpret_cast<const long long*>(length.data_ptr<int64_t>());
+    p.window = window;
+    p.n_win = window;
+  }
   const int parts = part_m.size(0), batch_heads = q.size(0) * kv_heads;
   const int bf16 = q.scalar_type() == torch::kBFloat16;
   void* stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
@@ -61,18 +68,30 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
 
 // x [B, Hkv, n, D] (last dim contiguous, rows 16-byte aligned); values [B, Hkv, n, k_keep] and bitmaps as int32
 // [B, Hkv, n, D/32], both with contiguous rows (views into a store at a token offset).
-void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitmaps) {
+void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitmaps, const torch::Tensor& position,
+              int64_t window) {
   CompressParams p{};
   p.x = half_ptr(x), p.x_sb = x.stride(0), p.x_sh = x.stride(1), p.x_st = x.stride(2);
   p.vals = reinterpret_cast<uint16_t*>(values.data_ptr()), p.v_sb = values.stride(0), p.v_sh = values.stride(1);
   p.bits = reinterpret_cast<uint32_t*>(bitmaps.data_ptr()), p.b_sb = bitmaps.stride(0), p.b_sh = bitmaps.stride(1);
   p.batch = x.size(0), p.kv_heads = x.size(1), p.tokens = x.size(2), p.k_keep = values.size(3);
+  if (position.numel() > 0) {
+    TORCH_CHECK(position.scalar_type() == torch::kLong && position.is_cuda(), "position must be a CUDA int64 tensor");
+    p.position = reinterpret_cast<const long long*>(position.data_ptr<int64_t>());
+    p.window = window;
+    p.tokens = 1;
+  }
   const int bf16 = x.scalar_type() == torch::kBFloat16;
   void* stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   check(mustafar_compress_launch(&p, bf16, x.size(3), stream), "compress kernel");
 }
 
+int64_t occupancy(bool bf16, int64_t head_dim, int64_t rows, bool masked, int64_t k_keep) {
+  return mustafar_decode_occupancy(bf16, head_dim, rows, masked, k_keep);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("occupancy", &occupancy, "decode CTAs per multiprocessor");
   m.def("decode", &decode, "mustafar sparse decode attention (CUDA)");
   m.def("compress", &compress, "mustafar per-token prune + compress (CUDA)");
 }

@@ -79,6 +79,13 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
   const int rows = min(kRowsPerCta, p.tokens - t0);
   const uint16_t* x = p.x + b * p.x_sb + h * p.x_sh + (long long)t0 * p.x_st;
+  long long out_row = t0;  // first output row of this CTA
+  if (p.position) {        // static decode eviction of one ring slot
+    const long long pos = *p.position;
+    if (pos < p.window) return;
+    x = p.x + b * p.x_sb + h * p.x_sh + (pos % p.window) * p.x_st;
+    out_row = pos - p.window;
+  }
   for (int c = threadIdx.x; c < rows * kChunks; c += kRowsPerCta) {
     const int r = c / kChunks, col = c % kChunks;
     *reinterpret_cast<uint4*>(smem + r * kRowBytes + col * 16) =
@@ -132,9 +139,9 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
     for (int w = 0; w < kWords; ++w) out_bits[r * kWords + w] = words[w];
   }
   __syncthreads();
-  uint16_t* vals = p.vals + b * p.v_sb + h * p.v_sh + (long long)t0 * k_keep;
+  uint16_t* vals = p.vals + b * p.v_sb + h * p.v_sh + out_row * k_keep;
   for (int i = threadIdx.x; i < rows * k_keep; i += kRowsPerCta) vals[i] = out_vals[i];
-  uint32_t* bits = p.bits + b * p.b_sb + h * p.b_sh + (long long)t0 * kWords;
+  uint32_t* bits = p.bits + b * p.b_sb + h * p.b_sh + out_row * kWords;
   for (int i = threadIdx.x; i < rows * kWords; i += kRowsPerCta) bits[i] = out_bits[i];
 }
 

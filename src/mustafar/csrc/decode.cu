@@ -134,171 +134,183 @@ __device__ __forceinline__ uint32_t run_of(const uint32_t* words, uint32_t prefi
   return COUNT == 32 ? w : (w >> shift) & ((1u << COUNT) - 1u);
 }
 
-template <typename T, int D, bool MASKED, bool ROWS8>
+template <typename T, int D, bool MASKED, int NT>
 struct Decoder {
   static constexpr int kWords = D / 32;
-  static constexpr int kKB = D / 16;   // k-blocks of S = Q K^T
-  static constexpr int kCPTK = D / 4;  // channels per thread, K side
-  static constexpr int kCPTV = D / 8;  // channels per thread, V side (= n-tiles of O)
-  static constexpr int kHalves = ROWS8 ? 1 : 2;
+  static constexpr int kKB = D / 16;   // k-blocks of S^T = K Q^T
+  static constexpr int kMT = D / 16;   // m-tiles of O^T = V^T P^T
+  static constexpr int kCPTK = D / 4;  // channels per thread, K side (tokens g, g + 8)
+  static constexpr int kCPTV = D / 8;  // channels per thread, V side (tokens 2t, 2t+1, 2t+8, 2t+9)
 
   const DecodeParams& p;
   int lane, g, t;
-  uint32_t qa[kKB][4];
-  float o[kCPTV][4];
-  float m[2], l[2];
-  int last_vis[2];
+  int n_comp, n_win;
+  uint32_t qb[NT][kKB][2];  // B fragments of Q^T: query row 8 nt + g
+  float o[NT][kMT][4];      // O^T C fragments: channel rows (g, g + 8) of m-tile i x query rows 8 nt + 2t + {0, 1}
+  float m[NT][2], l[NT][2]; // online softmax of query rows 8 nt + 2t + {0, 1} (l: this thread's tokens only)
+  int last_vis[NT][2];
   int min_last_vis;
-  long long mask_off[2];
+  long long mask_off[NT][2];
 
   __device__ Decoder(const DecodeParams& params, int b, int h) : p(params) {
     lane = threadIdx.x & 31;
     g = lane >> 2;
     t = lane & 3;
-    const int total = p.n_comp + p.n_win;
-    const int rows = p.group * p.q_len;
+    n_comp = p.n_comp, n_win = p.n_win;
+    if (p.length) {
+      const int held = static_cast<int>(*p.length);
+      n_comp = max(0, held - p.window);
+      n_win = min(held, p.window);
+    }
+    const int total = n_comp + n_win, rows = p.group * p.q_len;
     min_last_vis = total - p.q_len;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = g + 8 * half;
-      const bool ok = r < rows;
-      const int head = h * p.group + (ok ? r / p.q_len : 0);
-      const int qi = ok ? r % p.q_len : 0;
-      last_vis[half] = total - p.q_len + qi;
-      mask_off[half] = MASKED ? b * p.m_sb + head * p.m_sh + qi * p.m_sl : 0;
-      m[half] = -INFINITY;
-      l[half] = 0.f;
-    }
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int j = 0; j < kCPTV; ++j)
+      for (int j = 0; j < 2; ++j) {
+        const int r = 8 * nt + 2 * t + j;
+        const bool ok = r < rows;
+        const int head = h * p.group + (ok ? r / p.q_len : 0);
+        const int qi = ok ? r % p.q_len : 0;
+        last_vis[nt][j] = total - p.q_len + qi;
+        mask_off[nt][j] = MASKED ? b * p.m_sb + head * p.m_sh + qi * p.m_sl : 0;
+        m[nt][j] = -INFINITY;
+        l[nt][j] = 0.f;
+      }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) o[j][i] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[nt][i][c] = 0.f;
     load_query(b, h, rows);
   }
 
-  // A fragments of Q (rows g and g + 8; k-slots 2t, 2t+1 -> channels tD/4 + 4kb + {0,1}; 2t+8, 2t+9 -> +{2,3}).
+  // B fragments of Q^T (k-slots 2t, 2t+1 -> channels tD/4 + 4kb + {0,1}; 2t+8, 2t+9 -> + {2,3}; column g).
   __device__ void load_query(int b, int h, int rows) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = g + 8 * half;
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = 8 * nt + g;
       const uint16_t* row = nullptr;
       if (r < rows) row = p.q + b * p.q_sb + (h * p.group + r / p.q_len) * p.q_sh + (r % p.q_len) * p.q_sl;
 #pragma unroll
       for (int kb = 0; kb < kKB; ++kb) {
         const int c = kCPTK * t + 4 * kb;
-        uint32_t lo = 0, hi = 0;
-        if (row) {
-          lo = row[c] | (uint32_t(row[c + 1]) << 16);
-          hi = row[c + 2] | (uint32_t(row[c + 3]) << 16);
-        }
-        qa[kb][half] = lo;
-        qa[kb][half + 2] = hi;
+        qb[nt][kb][0] = row ? row[c] | (uint32_t(row[c + 1]) << 16) : 0u;
+        qb[nt][kb][1] = row ? row[c + 2] | (uint32_t(row[c + 3]) << 16) : 0u;
       }
     }
   }
 
-  // S tile [16 rows x 16 tokens] (C fragments, two n-tiles) from compressed K rows in shared memory.
-  __device__ void scores_sparse(float s[2][4], const uint16_t* vals, const uint32_t* bits, const uint32_t* prefix,
+  // S^T tile [16 tokens x 8 NT rows] from compressed K rows in shared memory (tokens g and g + 8).
+  __device__ void scores_sparse(float s[NT][4], const uint16_t* vals, const uint32_t* bits, const uint32_t* prefix,
                                 int valid, int k_keep) {
+    uint32_t mine[2];
+    const uint16_t* src[2];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
-      const int row = nt * 8 + g;
+    for (int half = 0; half < 2; ++half) {
+      const int row = g + 8 * half;
       int x;
-      uint32_t mine = run_of<kCPTK>(bits + row * kWords, prefix[row], kCPTK * t, x);
-      if (row >= valid) mine = 0;
-      const uint16_t* src = vals + row * k_keep + x;
+      mine[half] = run_of<kCPTK>(bits + row * kWords, prefix[row], kCPTK * t, x);
+      if (row >= valid) mine[half] = 0;
+      src[half] = vals + row * k_keep + x;
+    }
 #pragma unroll
-      for (int kb = 0; kb < kKB; ++kb) {
-        uint32_t v[4] = {0u, 0u, 0u, 0u};
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[nt][c] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < kKB; ++kb) {
+      uint32_t v[2][4] = {{0u, 0u, 0u, 0u}, {0u, 0u, 0u, 0u}};
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (mine & (1u << (4 * kb + i))) v[i] = *src++;
+          if (mine[half] & (1u << (4 * kb + i))) v[half][i] = *src[half]++;
         }
-        mma16816<T>(s[nt], qa[kb], __byte_perm(v[0], v[1], 0x5410), __byte_perm(v[2], v[3], 0x5410));
-      }
+      const uint32_t a[4] = {__byte_perm(v[0][0], v[0][1], 0x5410), __byte_perm(v[1][0], v[1][1], 0x5410),
+                             __byte_perm(v[0][2], v[0][3], 0x5410), __byte_perm(v[1][2], v[1][3], 0x5410)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<T>(s[nt], a, qb[nt][kb][0], qb[nt][kb][1]);
     }
   }
 
-  // S tile from dense window rows in global memory (row stride `stride` elements).
-  __device__ void scores_dense(float s[2][4], const uint16_t* rows, long long stride, int valid) {
+  // S^T tile from dense window rows in global memory (row stride `stride` elements).
+  __device__ void scores_dense(float s[NT][4], const uint16_t* rows, long long stride, int valid) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
-      const int row = nt * 8 + g;
-      const uint16_t* rv = rows + row * stride + kCPTK * t;
+      for (int c = 0; c < 4; ++c) s[nt][c] = 0.f;
+    const uint16_t* r0 = rows + g * stride + kCPTK * t;
+    const uint16_t* r1 = rows + (g + 8) * stride + kCPTK * t;
+    const bool ok0 = g < valid, ok1 = g + 8 < valid;
 #pragma unroll
-      for (int kb = 0; kb < kKB; ++kb) {
-        uint32_t b0 = 0, b1 = 0;
-        if (row < valid) {
-          b0 = rv[4 * kb] | (uint32_t(rv[4 * kb + 1]) << 16);
-          b1 = rv[4 * kb + 2] | (uint32_t(rv[4 * kb + 3]) << 16);
-        }
-        mma16816<T>(s[nt], qa[kb], b0, b1);
-      }
+    for (int kb = 0; kb < kKB; ++kb) {
+      const int c = 4 * kb;
+      const uint32_t a[4] = {ok0 ? r0[c] | (uint32_t(r0[c + 1]) << 16) : 0u,
+                             ok1 ? r1[c] | (uint32_t(r1[c + 1]) << 16) : 0u,
+                             ok0 ? r0[c + 2] | (uint32_t(r0[c + 3]) << 16) : 0u,
+                             ok1 ? r1[c + 2] | (uint32_t(r1[c + 3]) << 16) : 0u};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<T>(s[nt], a, qb[nt][kb][0], qb[nt][kb][1]);
     }
   }
 
-  // Online softmax over the tile (log2 units); rescales O and returns the A fragment of P.
-  __device__ void softmax(float s[2][4], int first_pos, int valid, uint32_t pa[4]) {
+  // Online softmax over the tile (log2 units); rescales O^T and returns P^T's B fragments.
+  __device__ void softmax(float s[NT][4], int first_pos, int valid, uint32_t pb[NT][2]) {
     const bool all_visible = valid == kTile && first_pos + kTile - 1 <= min_last_vis;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    bool rescale = false;
+    float alpha[NT][2];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 2 * kHalves; ++i) {
-        const int half = i >> 1;
-        float x = s[nt][i] * p.scale_log2e;
+      for (int c = 0; c < 4; ++c) {
+        float x = s[nt][c] * p.scale_log2e;
         if (MASKED || !all_visible) {
-          const int col = nt * 8 + 2 * t + (i & 1);
-          const int pos = first_pos + col;
-          bool keep = col < valid && pos <= last_vis[half];
-          if (MASKED && keep) keep = p.mask[mask_off[half] + pos] != 0;
+          const int tok = g + 8 * (c >> 1), pos = first_pos + tok;
+          bool keep = tok < valid && pos <= last_vis[nt][c & 1];
+          if (MASKED && keep) keep = p.mask[mask_off[nt][c & 1] + pos] != 0;
           x = keep ? x : -INFINITY;
         }
-        s[nt][i] = x;
-        tile_max[half] = fmaxf(tile_max[half], x);
+        s[nt][c] = x;
       }
-    float alpha[2] = {1.f, 1.f};
 #pragma unroll
-    for (int half = 0; half < kHalves; ++half) {
-      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(kFull, tile_max[half], 1));
-      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(kFull, tile_max[half], 2));
-      const float m_new = fmaxf(m[half], tile_max[half]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[half] = exp2f(m[half] - m_use);
-      m[half] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int i = 2 * half; i < 2 * half + 2; ++i) {
-          s[nt][i] = exp2f(s[nt][i] - m_use);
-          sum += s[nt][i];
-        }
-      l[half] = l[half] * alpha[half] + sum;
-    }
-    if (__any_sync(kFull, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < kCPTV; ++j) {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        if (!ROWS8) {
-          o[j][2] *= alpha[1];
-          o[j][3] *= alpha[1];
-        }
+      for (int j = 0; j < 2; ++j) {
+        float mx = fmaxf(s[nt][j], s[nt][2 + j]);
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
+        const float m_new = fmaxf(m[nt][j], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[nt][j] = exp2f(m[nt][j] - m_use);
+        rescale |= alpha[nt][j] != 1.f;
+        m[nt][j] = m_new;
+        s[nt][j] = exp2f(s[nt][j] - m_use);
+        s[nt][2 + j] = exp2f(s[nt][2 + j] - m_use);
+        l[nt][j] = l[nt][j] * alpha[nt][j] + s[nt][j] + s[nt][2 + j];
       }
     }
-    pa[0] = pack2<T>(s[0][0], s[0][1]);
-    pa[2] = pack2<T>(s[1][0], s[1][1]);
-    pa[1] = ROWS8 ? 0u : pack2<T>(s[0][2], s[0][3]);
-    pa[3] = ROWS8 ? 0u : pack2<T>(s[1][2], s[1][3]);
+    if (__any_sync(kFull, rescale)) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < kMT; ++i)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) o[nt][i][c] *= alpha[nt][c & 1];
+    }
+    // P^T B fragment: (tokens 2t, 2t+1 | 2t+8, 2t+9; row g) from the C layout (tokens g, g+8; rows 2t, 2t+1).
+    const int src1 = 8 * t + (g >> 1), src2 = src1 + 4;
+    const uint32_t sel = (g & 1) ? 0x7632u : 0x5410u;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t lo = pack2<T>(s[nt][0], s[nt][1]), hi = pack2<T>(s[nt][2], s[nt][3]);
+      pb[nt][0] = __byte_perm(__shfl_sync(kFull, lo, src1), __shfl_sync(kFull, lo, src2), sel);
+      pb[nt][1] = __byte_perm(__shfl_sync(kFull, hi, src1), __shfl_sync(kFull, hi, src2), sel);
+    }
   }
 
-  // O += P V for compressed V rows in shared memory.
-  __device__ void accumulate_sparse(const uint32_t pa[4], const uint16_t* vals, const uint32_t* bits,
+  // O^T += V^T P^T for compressed V rows in shared memory (tokens 2t, 2t+1, 2t+8, 2t+9).
+  __device__ void accumulate_sparse(const uint32_t pb[NT][2], const uint16_t* vals, const uint32_t* bits,
                                     const uint32_t* prefix, int valid, int k_keep) {
     uint32_t mine[4];
     const uint16_t* src[4];
@@ -311,18 +323,23 @@ struct Decoder {
       src[k] = vals + row * k_keep + x;
     }
 #pragma unroll
-    for (int j = 0; j < kCPTV; ++j) {
-      uint32_t v[4] = {0u, 0u, 0u, 0u};
+    for (int i = 0; i < kMT; ++i) {
+      uint32_t v[4][2] = {{0u, 0u}, {0u, 0u}, {0u, 0u}, {0u, 0u}};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (mine[k] & (1u << j)) v[k] = *src[k]++;
-      }
-      mma16816<T>(o[j], pa, __byte_perm(v[0], v[1], 0x5410), __byte_perm(v[2], v[3], 0x5410));
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (mine[k] & (1u << (2 * i + j))) v[k][j] = *src[k]++;
+        }
+      const uint32_t a[4] = {__byte_perm(v[0][0], v[1][0], 0x5410), __byte_perm(v[0][1], v[1][1], 0x5410),
+                             __byte_perm(v[2][0], v[3][0], 0x5410), __byte_perm(v[2][1], v[3][1], 0x5410)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<T>(o[nt][i], a, pb[nt][0], pb[nt][1]);
     }
   }
 
-  // O += P V for dense window rows in global memory.
-  __device__ void accumulate_dense(const uint32_t pa[4], const uint16_t* rows, long long stride, int valid) {
+  // O^T += V^T P^T for dense window rows in global memory.
+  __device__ void accumulate_dense(const uint32_t pb[NT][2], const uint16_t* rows, long long stride, int valid) {
     const uint16_t* rv[4];
     bool ok[4];
 #pragma unroll
@@ -332,11 +349,16 @@ struct Decoder {
       rv[k] = rows + row * stride + kCPTV * g;
     }
 #pragma unroll
-    for (int j = 0; j < kCPTV; ++j) {
-      uint32_t v[4];
+    for (int i = 0; i < kMT; ++i) {
+      uint32_t v[4][2];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = ok[k] ? rv[k][j] : 0u;
-      mma16816<T>(o[j], pa, __byte_perm(v[0], v[1], 0x5410), __byte_perm(v[2], v[3], 0x5410));
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) v[k][j] = ok[k] ? rv[k][2 * i + j] : 0u;
+      const uint32_t a[4] = {__byte_perm(v[0][0], v[1][0], 0x5410), __byte_perm(v[0][1], v[1][1], 0x5410),
+                             __byte_perm(v[2][0], v[3][0], 0x5410), __byte_perm(v[2][1], v[3][1], 0x5410)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<T>(o[nt][i], a, pb[nt][0], pb[nt][1]);
     }
   }
 };
@@ -357,10 +379,10 @@ __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, cons
   cp_async_commit();
 }
 
-template <typename T, int D, bool MASKED, bool ROWS8>
+template <typename T, int D, bool MASKED, int NT>
 __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) char smem[];
-  using Dec = Decoder<T, D, MASKED, ROWS8>;
+  using Dec = Decoder<T, D, MASKED, NT>;
   constexpr int kBits = Stage<D>::kBitsBytes;
   const int split = blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
@@ -372,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_co
 
   if (split < p.n_splits) {
     const int lo = split * p.tokens_per_split;
-    const int hi = min(lo + p.tokens_per_split, p.n_comp);
+    const int hi = min(lo + p.tokens_per_split, dec.n_comp);
     const char* kv = reinterpret_cast<const char*>(p.kv + b * p.kv_sb + h * p.kv_sh);
     const char* vv = reinterpret_cast<const char*>(p.vv + b * p.vv_sb + h * p.vv_sh);
     const char* kb = reinterpret_cast<const char*>(p.kb + b * p.kb_sb + h * p.kb_sh);
@@ -398,23 +420,23 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_co
       prefix[dec.lane] = prefix_bytes<Stage<D>::kWords>(kbits + dec.lane * Stage<D>::kWords);
       __syncwarp();
       const int valid = min(kTile, hi - tile);
-      float s[2][4];
-      uint32_t pa[4];
+      float s[NT][4];
+      uint32_t pb[NT][2];
       dec.scores_sparse(s, kvals, kbits, prefix, valid, k_keep);
-      dec.softmax(s, tile, valid, pa);
-      dec.accumulate_sparse(pa, vvals, vbits, prefix + kTile, valid, k_keep);
+      dec.softmax(s, tile, valid, pb);
+      dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, k_keep);
       __syncwarp();
     }
   } else {
     const uint16_t* kw = p.kw + b * p.kw_sb + h * p.kw_sh;
     const uint16_t* vw = p.vw + b * p.vw_sb + h * p.vw_sh;
-    for (int tile = warp * kTile; tile < p.n_win; tile += kWarps * kTile) {
-      const int valid = min(kTile, p.n_win - tile);
-      float s[2][4];
-      uint32_t pa[4];
+    for (int tile = warp * kTile; tile < dec.n_win; tile += kWarps * kTile) {
+      const int valid = min(kTile, dec.n_win - tile);
+      float s[NT][4];
+      uint32_t pb[NT][2];
       dec.scores_dense(s, kw + tile * p.kw_st, p.kw_st, valid);
-      dec.softmax(s, p.n_comp + tile, valid, pa);
-      dec.accumulate_dense(pa, vw + tile * p.vw_st, p.vw_st, valid);
+      dec.softmax(s, dec.n_comp + tile, valid, pb);
+      dec.accumulate_dense(pb, vw + tile * p.vw_st, p.vw_st, valid);
     }
   }
 
@@ -424,23 +446,28 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_co
   float* sm = so + kWarps * kRows * D;         // [warps][rows]
   float* sl = sm + kWarps * kRows;             // [warps][rows]
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float lsum = dec.l[half];
-    lsum += __shfl_xor_sync(kFull, lsum, 1);
-    lsum += __shfl_xor_sync(kFull, lsum, 2);
-    const int r = dec.g + 8 * half;
-    if (dec.t == 0) {
-      sm[warp * kRows + r] = dec.m[half];
-      sl[warp * kRows + r] = lsum;
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float lsum = dec.l[nt][j];
+      lsum += __shfl_xor_sync(kFull, lsum, 4);
+      lsum += __shfl_xor_sync(kFull, lsum, 8);
+      lsum += __shfl_xor_sync(kFull, lsum, 16);
+      const int r = 8 * nt + 2 * dec.t + j;
+      if (dec.g == 0) {
+        sm[warp * kRows + r] = dec.m[nt][j];
+        sl[warp * kRows + r] = lsum;
+      }
+#pragma unroll
+      for (int i = 0; i < Dec::kMT; ++i) {
+        const int ch = Dec::kCPTV * dec.g + 2 * i;
+        so[(warp * kRows + r) * D + ch] = dec.o[nt][i][j];
+        so[(warp * kRows + r) * D + ch + 1] = dec.o[nt][i][2 + j];
+      }
     }
-#pragma unroll
-    for (int j = 0; j < Dec::kCPTV; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) so[(warp * kRows + r) * D + Dec::kCPTV * (2 * dec.t + i) + j] = dec.o[j][2 * half + i];
-  }
   __syncthreads();
   const long long part = (long long)split * gridDim.y + bh;
-  for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < 8 * NT * D; idx += kThreads) {
     const int r = idx / D, ch = idx % D;
     float mx = -INFINITY;
 #pragma unroll
@@ -482,13 +509,13 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
   out[b * o_sb + head * o_sh + qi * o_sl + ch] = from_float<T>(lsum > 0.f ? acc / lsum : 0.f);
 }
 
-template <typename T, int D, bool MASKED, bool ROWS8>
+template <typename T, int D, bool MASKED, int NT>
 cudaError_t launch_variant(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
   const Stage<D> stage{kTile * p.k_keep * 2};
   const int stage_smem = kWarps * kStages * stage.size();
   const int merge_smem = kWarps * kRows * (D + 2) * 4;
   const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;
-  auto kernel = sparse_decode_kernel<T, D, MASKED, ROWS8>;
+  auto kernel = sparse_decode_kernel<T, D, MASKED, NT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(parts, batch_heads), kThreads, smem, stream>>>(p);
@@ -499,11 +526,11 @@ template <typename T, int D>
 cudaError_t launch_decode(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
   const bool rows8 = p.group * p.q_len <= 8;
   if (p.mask) {
-    return rows8 ? launch_variant<T, D, true, true>(p, parts, batch_heads, stream)
-                 : launch_variant<T, D, true, false>(p, parts, batch_heads, stream);
+    return rows8 ? launch_variant<T, D, true, 1>(p, parts, batch_heads, stream)
+                 : launch_variant<T, D, true, 2>(p, parts, batch_heads, stream);
   }
-  return rows8 ? launch_variant<T, D, false, true>(p, parts, batch_heads, stream)
-               : launch_variant<T, D, false, false>(p, parts, batch_heads, stream);
+  return rows8 ? launch_variant<T, D, false, 1>(p, parts, batch_heads, stream)
+               : launch_variant<T, D, false, 2>(p, parts, batch_heads, stream);
 }
 
 }  // namespace
@@ -521,6 +548,35 @@ extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int
                      : launch_decode<__half, 64>(*p, parts, batch_heads, s);
   }
   return static_cast<int>(err);
+}
+
+// CTAs of the decode kernel that fit on one multiprocessor at once (for the split heuristic), or -1.
+extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep) {
+  int blocks = -1;
+  const int nt = rows <= 8 ? 1 : 2;
+  auto query = [&](auto kernel, int d) {
+    const Stage<128> s128{kTile * k_keep * 2};
+    const Stage<64> s64{kTile * k_keep * 2};
+    const int stage_smem = kWarps * kStages * (d == 128 ? s128.size() : s64.size());
+    const int merge_smem = kWarps * kRows * (d + 2) * 4;
+    const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem);
+  };
+#define MUSTAFAR_OCC(TT, DD)                                                                   \
+  if (masked) {                                                                                \
+    nt == 1 ? query(sparse_decode_kernel<TT, DD, true, 1>, DD) : query(sparse_decode_kernel<TT, DD, true, 2>, DD); \
+  } else {                                                                                     \
+    nt == 1 ? query(sparse_decode_kernel<TT, DD, false, 1>, DD)                                \
+            : query(sparse_decode_kernel<TT, DD, false, 2>, DD);                               \
+  }
+  if (head_dim == 128) {
+    if (dtype_bf16) { MUSTAFAR_OCC(__nv_bfloat16, 128) } else { MUSTAFAR_OCC(__half, 128) }
+  } else if (head_dim == 64) {
+    if (dtype_bf16) { MUSTAFAR_OCC(__nv_bfloat16, 64) } else { MUSTAFAR_OCC(__half, 64) }
+  }
+#undef MUSTAFAR_OCC
+  return blocks;
 }
 
 extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, const float* part_l, void* out,

@@ -25,6 +25,10 @@ struct DecodeParams {
   float* part_l;
   int kv_heads, group, q_len, k_keep, n_comp, n_win, tokens_per_split, n_splits;
   float scale_log2e;
+  // Static (graph-captured) decode: when set, tokens held = *length (device), n_comp = max(0, *length - window)
+  // and n_win = min(*length, window) replace n_comp / n_win (the window is a ring buffer of `window` slots).
+  const long long* length;
+  int window;
 };
 
 // Prune + compress of rows x [B, Hkv, tokens, D] (last dim contiguous, rows 16-byte aligned) into values
@@ -37,12 +41,17 @@ struct CompressParams {
   uint32_t* bits;
   long long b_sb, b_sh;
   int batch, kv_heads, tokens, k_keep;
+  // Static decode eviction: when set, compress the one row in ring slot (*position % window) of x into row
+  // (*position - window) of the outputs, or nothing while *position < window.
+  const long long* position;
+  int window;
 };
 
 extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16, int head_dim, void* stream);
 
 extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int head_dim, int parts, int batch_heads,
                                       void* stream);
+extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep);
 extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, const float* part_l, void* out,
                                      int dtype_bf16, long long o_sb, long long o_sh, long long o_sl, int kv_heads,
                                      int group, int q_len, int parts, int head_dim, int batch_heads, void* stream);

@@ -75,12 +75,22 @@ def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window
     return True
 
 
-def choose_splits(batch_heads: int, tokens: int, device: torch.device) -> int:
-    """Splits of the compressed tokens so that ``batch_heads * splits`` CTAs fill the GPU."""
+@functools.lru_cache(maxsize=None)
+def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int) -> int:
+    """Decode CTAs that fit on one multiprocessor at once (CUDA occupancy API)."""
+    return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep))
+
+
+def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int = CTAS_PER_SM) -> int:
+    """Splits of the compressed tokens: one full wave of ``sm_count * per_sm`` CTAs where the tokens allow it.
+
+    A partial second wave would leave most of the GPU idle while it runs, so the count is the largest that
+    keeps ``batch_heads * splits`` within one wave (at least 1, at most one split per 64 tokens).
+    """
     if tokens == 0:
         return 0
-    wanted = triton.cdiv(CTAS_PER_SM * sm_count(device), batch_heads)
-    return max(1, min(triton.cdiv(tokens, CTA_TOKENS), wanted))
+    wave = sm_count(device) * per_sm
+    return max(1, min(triton.cdiv(tokens, CTA_TOKENS), wave // batch_heads))
 
 
 def decode_attention_cuda(
@@ -92,12 +102,24 @@ def decode_attention_cuda(
     scale: float,
     attention_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the CUDA kernel; inputs checked by :func:`mustafar.sparse_decode_attention` and :func:`cuda_supported`."""
+    """Run the CUDA kernel; inputs checked by :func:`mustafar.sparse_decode_attention` and :func:`cuda_supported`.
+
+    With ``length`` (a CUDA int64 scalar: tokens held), the stores' whole capacity is the compressed token axis and
+    the kernel reads the counts from ``length`` on the device (``key_window`` is then a ring buffer of ``w`` slots):
+    the static, graph-capturable decode step.
+    """
     ext = load_extension()
     b, hq, lq, d = query.shape
-    hkv, n_comp = key_cache.shape[1], key_cache.tokens
-    splits = choose_splits(b * hkv, n_comp, query.device) if num_splits is None else min(num_splits, n_comp)
+    hkv = key_cache.shape[1]
+    n_comp = key_cache.capacity if length is not None else key_cache.tokens
+    if num_splits is None:
+        rows = hq // hkv * lq
+        per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep)
+        splits = choose_splits(b * hkv, n_comp, query.device, per_sm)
+    else:
+        splits = min(num_splits, n_comp)
     per_split = triton.cdiv(triton.cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
     splits = triton.cdiv(n_comp, per_split) if n_comp else 0
     has_window = key_window is not None and key_window.shape[2] > 0
@@ -112,11 +134,15 @@ def decode_attention_cuda(
         mask = attention_mask.expand(b, hq, lq, n_comp + (key_window.shape[2] if has_window else 0))
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
+    if length is None:
+        kv, kb, vv, vb = key_cache.values, key_cache.bitmaps, value_cache.values, value_cache.bitmaps
+    else:
+        (kv, kb), (vv, vb) = key_cache.storage, value_cache.storage
     ext.decode(
-        query, key_cache.values, key_cache.bitmaps.view(torch.int32), value_cache.values,
-        value_cache.bitmaps.view(torch.int32), key_window if has_window else empty,
+        query, kv, kb.view(torch.int32), vv, vb.view(torch.int32), key_window if has_window else empty,
         value_window if has_window else empty, mask, part_o, part_m, part_l, out,
-        n_comp, per_split, splits, scale * _LOG2E,
+        n_comp, per_split, splits, scale * _LOG2E, empty if length is None else length,
+        key_window.shape[2] if has_window else 0,
     )
     return out
 
@@ -130,9 +156,18 @@ def compress_supported(x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Ten
     return values.stride(-1) == 1 and values.stride(2) == values.shape[-1] and bitmaps.stride(2) == bitmaps.shape[-1]
 
 
-def compress_cuda(x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
-    """Run the CUDA prune + compress kernel (``k_keep`` from ``values``' last dim) into the given views."""
-    load_extension().compress(x, values, bitmaps.view(torch.int32))
+def compress_cuda(
+    x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor, position: torch.Tensor | None = None
+) -> None:
+    """Run the CUDA prune + compress kernel (``k_keep`` from ``values``' last dim) into the given views.
+
+    With ``position`` (a CUDA int64 scalar), ``x`` is a ring buffer of ``w`` slots and only the token in slot
+    ``position % w`` is compressed, into row ``position - w`` of ``values``/``bitmaps`` (nothing while
+    ``position < w``): the static decode step's eviction, decided on the device.
+    """
+    empty = x.new_empty(0, dtype=torch.int64)
+    load_extension().compress(x, values, bitmaps.view(torch.int32), empty if position is None else position,
+                              x.shape[2] if position is not None else 0)
 
 
 __all__ = ["compress_cuda", "compress_supported", "cuda_available", "cuda_supported", "decode_attention_cuda",

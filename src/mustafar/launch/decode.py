@@ -51,7 +51,7 @@ def decode_attention_triton(
     attention_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch the sparse decode kernel and the split merge; inputs checked by :func:`mustafar.sparse_decode_attention`."""
+    """Launch the sparse decode kernel and the split merge (inputs checked by ``sparse_decode_attention``)."""
     b, hq, lq, d = query.shape
     hkv, n_comp = key_cache.shape[1], key_cache.tokens
     group = hq // hkv

@@ -1,0 +1,109 @@
+"""Graph-capturable decode operations over a preallocated (static) compressed cache.
+
+The static layout (see :class:`mustafar.StaticMustafarCache`): per layer a
+:class:`~mustafar.format.BitmapKV` store whose whole capacity is allocated up
+front, a dense **ring** of ``w`` slots for the local window (token ``t`` in slot
+``t % w``), and the number of tokens held as a device int64 scalar ``length``.
+With ``length = n``: tokens ``0 .. n - w - 1`` are in the store (rows in token
+order), the last ``min(n, w)`` in the ring. Every function here reads the counts
+on the device: no host synchronisation and no shape that depends on ``n``, so a
+decode step can be captured in a CUDA graph and replayed as ``n`` grows.
+
+Attention over the ring in slot order is the same attention (a softmax over a
+set of keys does not depend on their order), and one query token sees every
+token held. Source of the method: Mustafar, arXiv 2505.22913.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_tensor
+from .format import BitmapKV, expand
+from .ops import UnsupportedHardwareError, _resolve_backend
+from .reference import compress_reference, decode_attention_reference
+
+__all__ = ["static_decode_attention", "static_evict"]
+
+
+def _check_static(query: torch.Tensor, store: BitmapKV, ring: torch.Tensor, length: torch.Tensor) -> None:
+    check_tensor("query", query, ndim=4)
+    check_tensor("ring", ring, ndim=4)
+    if query.shape[2] != 1:
+        raise ValueError(f"static decode attention takes one query token, got q_len={query.shape[2]}")
+    if ring.shape[2] < 1 or ring.shape[:2] != store.shape[:2] or ring.shape[3] != store.head_dim:
+        raise ValueError(f"ring must be [{store.shape[0]}, {store.shape[1]}, w >= 1, {store.head_dim}], "
+                         f"got {tuple(ring.shape)}")
+    if not isinstance(length, torch.Tensor) or length.dtype != torch.int64 or length.numel() != 1:
+        raise TypeError(f"length must be a one-element int64 tensor, got {getattr(length, 'dtype', type(length))}")
+
+
+def _counts(length: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (length - window).clamp(min=0), length.clamp(max=window)
+
+
+def static_decode_attention(
+    query: torch.Tensor,
+    key_store: BitmapKV,
+    value_store: BitmapKV,
+    key_ring: torch.Tensor,
+    value_ring: torch.Tensor,
+    length: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of one query token over a static compressed cache, counts read on the device.
+
+    Args:
+        query: ``[batch, q_heads, 1, head_dim]``, fp16/bf16/fp32.
+        key_store, value_store: stores allocated for the whole sequence (their ``tokens`` is ignored).
+        key_ring, value_ring: ``[batch, kv_heads, w, head_dim]``, the local window as a ring buffer.
+        length: int64 scalar tensor on the query's device: tokens held, the current one included.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        backend: ``"auto"`` (the CUDA kernel where it applies, else the reference), ``"cuda"`` or ``"torch"``
+            (``"triton"`` has no static form and uses the reference).
+
+    Returns:
+        ``[batch, q_heads, 1, head_dim]`` in the query's dtype.
+
+    Raises:
+        ValueError / TypeError: shapes, dtypes or ``length`` not as above.
+    """
+    _check_static(query, key_store, key_ring, length)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _resolve_backend(backend, query.device) != "torch":
+        from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
+
+        if cuda_available() and cuda_supported(query, key_store, value_store, key_ring, None):
+            return decode_attention_cuda(query, key_store, value_store, key_ring, value_ring, scale, length=length)
+        if backend == "cuda":
+            raise UnsupportedHardwareError("backend='cuda' cannot serve this static decode step (see cuda_supported)")
+    n_comp, n_win = _counts(length, key_ring.shape[2])
+    keys = torch.cat([expand(*key_store.storage, key_store.head_dim), key_ring], dim=2)
+    values = torch.cat([expand(*value_store.storage, value_store.head_dim), value_ring], dim=2)
+    capacity = key_store.capacity
+    slots = torch.arange(capacity + key_ring.shape[2], device=query.device)
+    held = torch.where(slots < capacity, slots < n_comp, slots - capacity < n_win)
+    return decode_attention_reference(query, keys, values, scale, held.view(1, 1, 1, -1))
+
+
+def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, backend: str = "auto") -> None:
+    """Before the token at position ``length`` enters the ring, compress the one it overwrites.
+
+    The token ``length - w`` (ring slot ``length % w``) goes, pruned, to store row
+    ``length - w``; nothing happens while ``length < w``. Decided on the device.
+    """
+    w = ring.shape[2]
+    values, bitmaps = store.storage
+    if _resolve_backend(backend, ring.device) != "torch":
+        from .launch.cuda import compress_cuda, compress_supported
+
+        if compress_supported(ring, values, bitmaps):
+            compress_cuda(ring, values, bitmaps, position=length)
+            return
+    slot = (length % w).view(1)
+    row = (length - w).clamp(min=0).view(1)
+    active = length >= w
+    new_values, new_bitmaps = compress_reference(ring.index_select(2, slot), store.sparsity)
+    values.index_copy_(2, row, torch.where(active, new_values, values.index_select(2, row)))
+    bitmaps.index_copy_(2, row, torch.where(active, new_bitmaps, bitmaps.index_select(2, row)))

@@ -1,0 +1,120 @@
+"""StaticMustafarCache and the graph-capturable static ops on the CPU (reference backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import mustafar
+from mustafar.format import BitmapKV
+from mustafar.static_ops import static_decode_attention, static_evict
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, vocab_size=128)
+    return cfg, transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="mustafar").eval()
+
+
+def _static_greedy(model, cfg, prompt, new_tokens, **kwargs):
+    cache = mustafar.StaticMustafarCache(cfg, prompt.shape[0], prompt.shape[1] + new_tokens, dtype=torch.float32,
+                                         device="cpu", **kwargs)
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1])).logits
+        tokens = [logits[:, -1:].argmax(-1)]
+        for i in range(new_tokens - 1):
+            position = torch.tensor([prompt.shape[1] + i])
+            tokens.append(model(tokens[-1], past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, 1), cache
+
+
+@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.7)])
+@pytest.mark.parametrize("prompt_len", [5, 8, 30])
+def test_static_equals_dynamic_chunk_one(sparsity, prompt_len):
+    """Same semantics as MustafarCache(window=w, chunk=1): identical greedy tokens and byte counts."""
+    cfg, model = _model()
+    prompt = torch.randint(128, (2, prompt_len))
+    dynamic = mustafar.MustafarCache(*sparsity, window=8, chunk=1)
+    expected = model.generate(prompt, past_key_values=dynamic, max_new_tokens=20, do_sample=False)[:, prompt_len:]
+    tokens, cache = _static_greedy(model, cfg, prompt, 20, key_sparsity=sparsity[0], value_sparsity=sparsity[1],
+                                   window=8)
+    assert torch.equal(tokens, expected)
+    assert cache.get_seq_length() == prompt_len + 19
+    assert int(cache.layers[0].length) == prompt_len + 19
+
+
+def test_static_nbytes_formula():
+    cfg, model = _model()
+    tokens, cache = _static_greedy(model, cfg, torch.randint(128, (1, 40)), 10, key_sparsity=0.7,
+                                   value_sparsity=0.5, window=8)
+    held = 49
+    kv_heads = 2
+    per_layer = kv_heads * ((held - 8) * (mustafar.bytes_per_token(16, 0.7, torch.float32)
+                                          + mustafar.bytes_per_token(16, 0.5, torch.float32))
+                            + 2 * 8 * mustafar.dense_bytes_per_token(16, torch.float32))
+    assert cache.nbytes == 2 * per_layer  # two layers
+    assert cache.allocated_nbytes >= cache.nbytes
+
+
+def test_static_ops_read_counts_from_device_tensor():
+    """Attention with length n equals the dynamic attention over the first n tokens."""
+    torch.manual_seed(1)
+    w, cap = 4, 32
+    ring = torch.randn(1, 2, w, 16)
+    stores = [BitmapKV.empty(1, 2, 16, 0.5, torch.float32, "cpu", capacity=cap) for _ in range(2)]
+    for store in stores:
+        store.append(torch.randn(1, 2, cap, 16))
+    query = torch.randn(1, 4, 1, 16)
+    for n in (1, 3, 4, 9, 20):
+        out = static_decode_attention(query, *stores, ring, ring * 2, torch.tensor(n), backend="torch")
+        n_comp, n_win = max(0, n - w), min(n, w)
+        key_view = BitmapKV(stores[0].values[:, :, :n_comp], stores[0].bitmaps[:, :, :n_comp], 16, 0.5)
+        value_view = BitmapKV(stores[1].values[:, :, :n_comp], stores[1].bitmaps[:, :, :n_comp], 16, 0.5)
+        ref = mustafar.sparse_decode_attention(query, key_view, value_view, ring[:, :, :n_win],
+                                               (ring * 2)[:, :, :n_win], backend="torch")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_static_evict_moves_the_overwritten_token():
+    torch.manual_seed(2)
+    ring = torch.randn(1, 1, 4, 8)
+    store = BitmapKV.empty(1, 1, 8, 0.5, torch.float32, "cpu", capacity=16)
+    for n in range(8):
+        before = store.storage[0].clone()
+        static_evict(ring, store, torch.tensor(n), backend="torch")
+        if n < 4:
+            assert torch.equal(store.storage[0], before)
+        else:
+            expected = mustafar.compress(ring[:, :, n % 4 : n % 4 + 1], 0.5)
+            assert torch.equal(store.storage[0][:, :, n - 4], expected.values[:, :, 0])
+            assert torch.equal(store.storage[1][:, :, n - 4], expected.bitmaps[:, :, 0])
+
+
+def test_static_bad_inputs():
+    cfg, model = _model()
+    with pytest.raises(ValueError, match="window"):
+        mustafar.StaticMustafarCache(cfg, 1, 10, window=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        mustafar.StaticMustafarCache(cfg, 1, 0)
+    with pytest.raises(ValueError, match="key_sparsity"):
+        mustafar.StaticMustafarCache(cfg, 1, 10, key_sparsity=1.0)
+    cache = mustafar.StaticMustafarCache(cfg, 1, 12, window=4, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        model(torch.randint(128, (1, 10)), past_key_values=cache, cache_position=torch.arange(10))
+        with pytest.raises(ValueError, match="prefill"):
+            model(torch.randint(128, (1, 2)), past_key_values=cache, cache_position=torch.arange(10, 12))
+        with pytest.raises(ValueError, match="max_tokens"):
+            model(torch.randint(128, (1, 5)), past_key_values=mustafar.StaticMustafarCache(
+                cfg, 1, 4, window=2, dtype=torch.float32, device="cpu"), cache_position=torch.arange(5))
+
+
+def test_static_cache_with_sdpa_raises():
+    cfg, model = _model()
+    model.set_attn_implementation("sdpa")
+    cache = mustafar.StaticMustafarCache(cfg, 1, 20, window=4, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        model(torch.randint(128, (1, 6)), past_key_values=cache, cache_position=torch.arange(6))
+        with pytest.raises(ValueError, match="mustafar"):
+            model(torch.randint(128, (1, 1)), past_key_values=cache, cache_position=torch.tensor([6]))
