@@ -230,8 +230,10 @@ def test_capacity_grows_geometrically():
         if store.capacity != capacities[-1]:
             capacities.append(store.capacity)
     reallocations = len(capacities) - 1
-    assert reallocations <= math.ceil(math.log2(tokens)) + 1
-    assert store.capacity < 2 * tokens and store.allocated_nbytes < 2 * store.nbytes
+    growth = mustafar.format.GROWTH
+    assert reallocations <= math.ceil(math.log(tokens / mustafar.format.CAPACITY_GRANULE, growth)) + 1
+    assert all(b <= max(growth * a, a + mustafar.format.CAPACITY_GRANULE) + 16 for a, b in zip(capacities, capacities[1:]))
+    assert store.allocated_nbytes <= 1.25 * store.nbytes + 16 * store.nbytes // tokens
     assert torch.equal(store.decompress(), mustafar.prune_per_token(x, 0.7))
 
 

@@ -146,11 +146,12 @@ def test_static_cache_graph_replay_matches_eager():
     def run(capture: bool, steps: int = 40) -> torch.Tensor:
         cache = mustafar.StaticMustafarCache(cfg, 2, 200, 0.7, 0.7, window=32, dtype=torch.float16, device="cuda")
         with torch.no_grad():
-            logits = model(prompt, past_key_values=cache, cache_position=torch.arange(100, device="cuda")).logits
-            ids, pos = logits[:, -1:].argmax(-1), torch.tensor([100], device="cuda")
+            positions = torch.arange(100, device="cuda").expand(2, 100)
+            logits = model(prompt, past_key_values=cache, position_ids=positions).logits
+            ids, pos = logits[:, -1:].argmax(-1), torch.full((2, 1), 100, device="cuda")
 
-            def step():
-                return model(ids, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
+            def step():  # positions passed explicitly: a graph replay does not advance host-side counters
+                return model(ids, past_key_values=cache, position_ids=pos).logits[:, -1:].argmax(-1)
 
             out = [step()]  # one eager step first (also warms up every kernel before a capture)
             ids.copy_(out[-1])

@@ -22,11 +22,11 @@ def _static_greedy(model, cfg, prompt, new_tokens, **kwargs):
     cache = mustafar.StaticMustafarCache(cfg, prompt.shape[0], prompt.shape[1] + new_tokens, dtype=torch.float32,
                                          device="cpu", **kwargs)
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1])).logits
+        logits = model(prompt, past_key_values=cache, position_ids=torch.arange(prompt.shape[1])[None]).logits
         tokens = [logits[:, -1:].argmax(-1)]
         for i in range(new_tokens - 1):
-            position = torch.tensor([prompt.shape[1] + i])
-            tokens.append(model(tokens[-1], past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1))
+            position = torch.tensor([[prompt.shape[1] + i]])
+            tokens.append(model(tokens[-1], past_key_values=cache, position_ids=position).logits[:, -1:].argmax(-1))
     return torch.cat(tokens, 1), cache
 
 

@@ -41,6 +41,8 @@ __all__ = ["BitmapKV", "compress", "bytes_per_token", "dense_bytes_per_token", "
 WORD_BITS = 64
 #: Capacity granule in tokens: the GPU kernels stage whole 16-token tiles.
 CAPACITY_GRANULE = 16
+#: Capacity growth factor of appends: geometric (amortised O(1) per token) with at most 25 % slack.
+GROWTH = 1.25
 _BYTE_BITS = 8
 
 
@@ -97,8 +99,8 @@ def expand(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.
 class BitmapKV:
     """A compressed K or V cache ``[batch, kv_heads, tokens, head_dim]`` in the bitmap format.
 
-    Storage grows by capacity doubling along the token axis, so :meth:`append`
-    is amortised O(1) per token; ``values`` and ``bitmaps`` are views of the
+    Storage grows geometrically (by :data:`GROWTH`) along the token axis, so
+    :meth:`append` is amortised O(1) per token with at most 25 % unused room; ``values`` and ``bitmaps`` are views of the
     first ``tokens`` rows.
 
     Attributes:
@@ -216,10 +218,10 @@ class BitmapKV:
         return expand(self.values, self.bitmaps, self.head_dim)
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` in total, doubling the capacity (amortised O(1) per appended token)."""
+        """Make room for ``tokens`` in total, growing the capacity by :data:`GROWTH` (amortised O(1) per token)."""
         if tokens <= self.capacity:
             return
-        new_capacity = _round_up(max(tokens, 2 * self.capacity), CAPACITY_GRANULE)
+        new_capacity = _round_up(max(tokens, int(GROWTH * self.capacity)), CAPACITY_GRANULE)
         self._values = _grown(self._values, new_capacity, self._tokens)
         self._bitmaps = _grown(self._bitmaps, new_capacity, self._tokens)
 

@@ -8,7 +8,8 @@ and reads the token count on the device, so one step can be captured and
 replayed. Semantics are those of ``MustafarCache(window=w, chunk=1)``: after each
 step the last ``w`` tokens are dense, every older one is pruned in the store.
 
-Use it in a manual loop (``model(input_ids, past_key_values=cache, cache_position=...)``):
+Use it in a manual loop (``model(input_ids, past_key_values=cache, position_ids=...)``; pass the
+positions explicitly, since graph replays do not advance the host-side token count):
 one multi-token prefill on an empty cache, then one-token decode steps. Padded
 batches and multi-token steps after the prefill are not supported (``MustafarCache`` is).
 
@@ -20,9 +21,9 @@ Example::
     >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="mustafar")
     >>> cache = mustafar.StaticMustafarCache(cfg, batch_size=1, max_tokens=64, window=8)
     >>> ids = torch.randint(128, (1, 20))
-    >>> logits = model(ids, past_key_values=cache, cache_position=torch.arange(20)).logits
+    >>> logits = model(ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
     >>> nxt = logits[:, -1:].argmax(-1)
-    >>> logits = model(nxt, past_key_values=cache, cache_position=torch.tensor([20])).logits
+    >>> logits = model(nxt, past_key_values=cache, position_ids=torch.tensor([[20]])).logits
     >>> int(cache.layers[0].length), cache.get_seq_length()
     (21, 21)
 """

@@ -91,7 +91,8 @@ def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, back
     """Before the token at position ``length`` enters the ring, compress the one it overwrites.
 
     The token ``length - w`` (ring slot ``length % w``) goes, pruned, to store row
-    ``length - w``; nothing happens while ``length < w``. Decided on the device.
+    ``length - w``; nothing happens while ``length < w``, nor past the store's capacity (the
+    caller must not decode more than ``max_tokens``). Decided on the device.
     """
     w = ring.shape[2]
     values, bitmaps = store.storage
@@ -101,9 +102,12 @@ def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, back
         if compress_supported(ring, values, bitmaps):
             compress_cuda(ring, values, bitmaps, position=length)
             return
+    capacity = values.shape[2]
+    if capacity == 0:
+        return
     slot = (length % w).view(1)
-    row = (length - w).clamp(min=0).view(1)
-    active = length >= w
+    row = (length - w).clamp(min=0, max=capacity - 1).view(1)
+    active = (length >= w) & (length - w < capacity)
     new_values, new_bitmaps = compress_reference(ring.index_select(2, slot), store.sparsity)
     values.index_copy_(2, row, torch.where(active, new_values, values.index_select(2, row)))
     bitmaps.index_copy_(2, row, torch.where(active, new_bitmaps, bitmaps.index_select(2, row)))

@@ -79,6 +79,7 @@ void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitm
     TORCH_CHECK(position.scalar_type() == torch::kLong && position.is_cuda(), "position must be a CUDA int64 tensor");
     p.position = reinterpret_cast<const long long*>(position.data_ptr<int64_t>());
     p.window = window;
+    p.capacity = values.size(2);
     p.tokens = 1;
   }
   const int bf16 = x.scalar_type() == torch::kBFloat16;

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
   long long out_row = t0;  // first output row of this CTA
   if (p.position) {        // static decode eviction of one ring slot
     const long long pos = *p.position;
-    if (pos < p.window) return;
+    if (pos < p.window || pos - p.window >= p.capacity) return;
     x = p.x + b * p.x_sb + h * p.x_sh + (pos % p.window) * p.x_st;
     out_row = pos - p.window;
   }

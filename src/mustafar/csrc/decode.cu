@@ -159,7 +159,7 @@ struct Decoder {
     n_comp = p.n_comp, n_win = p.n_win;
     if (p.length) {
       const int held = static_cast<int>(*p.length);
-      n_comp = max(0, held - p.window);
+      n_comp = min(max(0, held - p.window), p.n_comp);
       n_win = min(held, p.window);
     }
     const int total = n_comp + n_win, rows = p.group * p.q_len;

@@ -26,7 +26,8 @@ struct DecodeParams {
   int kv_heads, group, q_len, k_keep, n_comp, n_win, tokens_per_split, n_splits;
   float scale_log2e;
   // Static (graph-captured) decode: when set, tokens held = *length (device), n_comp = max(0, *length - window)
-  // and n_win = min(*length, window) replace n_comp / n_win (the window is a ring buffer of `window` slots).
+  // (at most the n_comp given: the store's capacity) and n_win = min(*length, window) replace n_comp / n_win
+  // (the window is a ring buffer of `window` slots).
   const long long* length;
   int window;
 };
@@ -42,9 +43,9 @@ struct CompressParams {
   long long b_sb, b_sh;
   int batch, kv_heads, tokens, k_keep;
   // Static decode eviction: when set, compress the one row in ring slot (*position % window) of x into row
-  // (*position - window) of the outputs, or nothing while *position < window.
+  // (*position - window) of the outputs, or nothing while *position < window or past `capacity` rows.
   const long long* position;
-  int window;
+  int window, capacity;
 };
 
 extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16, int head_dim, void* stream);
