@@ -1,0 +1,141 @@
+"""Capacity: the largest batch whose prefill and a few decode steps fit in a memory budget.
+
+Search (:func:`find_max_batch`): batch 1, 2, 4, ... while the probe fits, then
+bisection between the last batch that fit and the first that did not. A probe
+(:func:`make_probe`) starts from a fresh state (garbage collected, allocator
+cache emptied, peak counter reset), caps the caching allocator at the budget
+(``torch.cuda.set_per_process_memory_fraction``, so that a probe over the
+budget fails at its first allocation beyond it instead of running on), builds a
+cache, prefills ``batch`` random prompts and decodes a few steps eagerly. It
+fits when it raised no out-of-memory error and the peak allocated bytes
+(weights included) stayed within the budget. A batch predicted
+(:mod:`mustafar.bench.memory`) above ``budget * (1 + slack)`` counts as not
+fitting without running.
+
+The probe is injectable, so the search is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .caches import make_cache
+from .decode import DecodeStep, prefill
+from .memory import gib, predict_bytes
+from .models import model_dims, weight_bytes
+from .timing import Clock
+
+__all__ = ["Probe", "find_max_batch", "make_probe", "oom_reason"]
+
+#: Characters of an unrecognised out-of-memory message kept in a reason.
+_REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One capacity probe: ``batch``, whether it ``fits``, the ``peak_bytes`` (None if not run), the ``reason``."""
+
+    batch: int
+    fits: bool
+    peak_bytes: int | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_max_batch(probe: Callable[[int], Probe], max_batch: int = 4096) -> tuple[int, list[Probe]]:
+    """Largest batch in ``[1, max_batch]`` for which ``probe(batch).fits`` (0 if none), and the probes run.
+
+    Doubling from 1, then bisection; ``probe`` must be monotone (a batch that
+    fits implies every smaller one fits). About ``2 * log2(answer)`` probes.
+
+    Raises:
+        ValueError: ``max_batch`` < 1.
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    probes: list[Probe] = []
+
+    def fits(batch: int) -> bool:
+        probes.append(probe(batch))
+        return probes[-1].fits
+
+    good, bad = 0, max_batch + 1
+    batch = 1
+    while batch <= max_batch and fits(batch):
+        good, batch = batch, batch * 2
+    bad = min(batch, bad)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, probes
+
+
+def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps: int, seed: int = 0,
+               slack: float = 0.25, backend: str = "auto") -> Callable[[int], Probe]:
+    """A probe ``batch -> Probe`` for ``model`` on its (CUDA) device; see the module docstring.
+
+    Args:
+        setting: a :class:`mustafar.SparsityConfig`; mode: ``"generate"`` or ``"graph"`` (its caches).
+        prompt: prompt tokens; steps: eager decode steps after the prefill.
+        budget_bytes: the memory budget, weights included.
+        slack: run a batch only if predicted <= ``budget * (1 + slack)``.
+    """
+    clock = Clock(model.device)
+    dims, weights = model_dims(model.config), weight_bytes(model)
+
+    def probe(batch: int) -> Probe:
+        predicted = weights + predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype)["total"]
+        if predicted > budget_bytes * (1 + slack):
+            return Probe(batch, False, None, f"predicted {gib(predicted)} > budget {gib(budget_bytes)}")
+        return _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend)
+
+    return probe
+
+
+def oom_reason(error: BaseException) -> str:
+    """``'out of memory (tried to allocate 14.00 GiB)'`` from a ``torch.cuda.OutOfMemoryError``."""
+    match = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", str(error))
+    return f"out of memory (tried to allocate {match[1]})" if match else f"out of memory: {str(error)[:_REASON_CHARS]}"
+
+
+def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend) -> Probe:
+    clock.fresh()
+    total = clock.total_bytes()
+    if clock.cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), model.device)
+    error = ""
+    try:
+        _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend)
+    except torch.cuda.OutOfMemoryError as oom:
+        error = oom_reason(oom)
+    finally:
+        if clock.cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, model.device)
+    peak = clock.peak_bytes()
+    clock.fresh()
+    if error:
+        return Probe(batch, False, peak, error)
+    fits = peak is None or peak <= budget_bytes
+    return Probe(batch, fits, peak, "" if fits else f"peak {gib(peak)} > budget {gib(budget_bytes)}")
+
+
+@torch.inference_mode()
+def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.config.vocab_size, (batch, prompt), generator=generator).to(model.device)
+    cache = make_cache(mode, setting, model, batch, prompt + steps + 1, backend)
+    first = prefill(model, cache, ids)
+    del ids
+    step = DecodeStep(model, cache, first, prompt, steps)
+    for _ in range(steps):
+        step()
+    Clock(model.device).sync()
