@@ -215,11 +215,11 @@ def feed(layer, sizes, seed, batch=2, heads=2, head_dim=20):
     ks, vs = [], []
     for n in sizes:
         k, v = (torch.randn(batch, heads, n, head_dim, generator=gen) for _ in range(2))
-        was_empty = layer.stored_tokens == 0
+        prefill = layer.get_seq_length() == 0 and n > 1
         key, value = layer.update(k, v)
         layer.consume()
         ks.append(k), vs.append(v)
-        whole = was_empty and (n > 1 or layer.stored_tokens == 0)
+        whole = prefill or layer.stored_tokens == 0  # the prefill, or nothing pruned yet: every token, dense
         assert torch.equal(key, torch.cat(ks, 2)[:, :, layer.stored_tokens * (not whole) :])
         assert torch.equal(value, torch.cat(vs, 2)[:, :, layer.stored_tokens * (not whole) :])
     return torch.cat(ks, 2), torch.cat(vs, 2)
@@ -254,16 +254,16 @@ def test_crop_reorder_and_reset():
     keys, values = feed(layer, [23, 1, 1], seed=11, batch=3)
     layer.crop(-2)  # inside the window
     check_content(layer, keys, values, 23)
-    layer.crop(-9)  # into the store: it is truncated, the window is empty
-    assert layer.stored_tokens == 14 and layer.keys.shape[2] == 0
-    check_content(layer, keys, values, 14)
-    layer.crop(10)  # transformers 5.17 convention: keep the first 10
-    check_content(layer, keys, values, 10)
+    with pytest.raises(ValueError, match=r"crop\(-9\) would keep 14 .*cannot be restored. At most 1 tokens"):
+        layer.crop(-9)  # 18 tokens are pruned in the store; a cache of 14 tokens prunes 6
+    check_content(layer, keys, values, 23)  # nothing removed
+    layer.crop(22)  # transformers 5.17 convention: keep the first 22
+    check_content(layer, keys, values, 22)
     layer.reorder_cache(torch.tensor([2, 0, 0]))
-    check_content(layer, keys[[2, 0, 0]], values[[2, 0, 0]], 10)
+    check_content(layer, keys[[2, 0, 0]], values[[2, 0, 0]], 22)
     layer.batch_select_indices(torch.tensor([True, False, True]))
     layer.batch_repeat_interleave(2)
-    check_content(layer, keys[[2, 2, 0, 0]], values[[2, 2, 0, 0]], 10)
+    check_content(layer, keys[[2, 2, 0, 0]], values[[2, 2, 0, 0]], 22)
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.nbytes == 0
     feed(layer, [5], seed=12, batch=1)

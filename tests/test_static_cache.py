@@ -118,3 +118,83 @@ def test_static_cache_with_sdpa_raises():
         model(torch.randint(128, (1, 6)), past_key_values=cache, cache_position=torch.arange(6))
         with pytest.raises(ValueError, match="mustafar"):
             model(torch.randint(128, (1, 1)), past_key_values=cache, cache_position=torch.tensor([6]))
+
+
+# ---------------------------------------------------------------- lazy allocation (issue 6)
+def test_static_allocates_nothing_before_the_prefill():
+    cfg, model = _model()
+    cache = mustafar.StaticMustafarCache(cfg, max_tokens=64, window=8)
+    assert len(cache.layers) == 2 and cache.allocated_nbytes == cache.nbytes == cache.dense_nbytes == 0
+    assert all(layer.keys is None and layer.key_store is None and layer.length is None for layer in cache.layers)
+    cache.reset()  # nothing to reset yet
+    prompt = torch.randint(128, (3, 30))
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, position_ids=torch.arange(30)[None])
+    assert cache.layers[0].keys.shape == (3, 2, 8, 16) and cache.layers[0].key_store.capacity >= 64 - 8
+    assert cache.allocated_nbytes >= cache.nbytes > 0
+
+
+def test_static_without_config_creates_layers_at_their_first_update():
+    cfg, model = _model()
+    prompt = torch.randint(128, (2, 12))
+    with_config, _ = _static_greedy(model, cfg, prompt, 6, window=4)
+    cache = mustafar.StaticMustafarCache(max_tokens=18, window=4)
+    assert len(cache.layers) == 0 and cache.allocated_nbytes == 0
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, position_ids=torch.arange(12)[None]).logits
+    assert len(cache.layers) == 2 and cache.layers[1].keys.dtype == torch.float32
+    assert torch.equal(logits[:, -1:].argmax(-1), with_config[:, :1])
+
+
+def test_static_checks_the_given_batch_dtype_and_device():
+    k = torch.randn(2, 2, 5, 16)
+    for kwargs, match in [(dict(batch_size=3), r"\[3, 2, n, 16\]"), (dict(dtype=torch.float16), "float16"),
+                          (dict(device="meta"), "meta device")]:
+        cache = mustafar.StaticMustafarCache(max_tokens=10, window=2, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            cache.update(k, k.clone(), 0)
+        assert cache.allocated_nbytes == 0
+    with pytest.raises(ValueError, match="value_states"):
+        mustafar.StaticMustafarCache(max_tokens=10).update(k, k[:, :1].clone(), 0)
+    with pytest.raises(TypeError, match="max_tokens"):
+        mustafar.StaticMustafarCache()
+    with pytest.raises(TypeError, match="dtype"):
+        mustafar.StaticMustafarCache(max_tokens=10, dtype=torch.int8)
+    with pytest.raises(ValueError, match="backend"):
+        mustafar.StaticMustafarCache(max_tokens=10, backend="gpu")
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records host-syncing ops and the largest new tensor any op creates (in-place results do not count)."""
+
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.largest = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.SYNCING:
+            self.syncs.append(str(func))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        new = [t for t in torch.utils._pytree.tree_leaves(out)
+               if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        self.largest = max([self.largest] + [t.numel() for t in new])
+        return out
+
+
+@pytest.mark.parametrize("max_tokens", [64, 4096])
+def test_static_decode_update_is_sync_free_and_allocates_o1(max_tokens):
+    """After the lazy prefill, a decode update syncs nothing and creates no tensor that grows with the context."""
+    cache = mustafar.StaticMustafarCache(max_tokens=max_tokens, window=8, backend="torch")
+    k = torch.randn(2, 3, 40, 16)
+    cache.update(k, k.clone(), 0)
+    cache.layers[0].consume()
+    step = torch.randn(2, 3, 1, 16)
+    with _Recorder() as recorder:
+        cache.update(step, step.clone(), 0)
+    assert recorder.syncs == []
+    assert recorder.largest <= 2 * 3 * 8 * 16  # at most a ring's size, whatever max_tokens is

@@ -15,6 +15,11 @@ argument up:
   :func:`mustafar.sparse_decode_attention` over the compressed store + window
   (or its static, graph-capturable form for :class:`~mustafar.StaticMustafarCache`).
 
+A linked layer is first told who reads it: ``layer.consume(module, attention_mask)``
+(it checks the reader and, at the prefill, reads the left padding from the mask).
+Options whose semantics neither path implements (soft-capping, attention sinks,
+and T5's position bias where transformers' SDPA ignores it) raise ``ValueError``.
+
 The mask comes from transformers' SDPA mask function (registered for
 ``"mustafar"`` too): ``None`` or bool ``[batch, 1, q_len, kv_len]`` (True =
 attend) over all tokens in order, compressed then window. A 4-d mask passed by
@@ -33,6 +38,8 @@ Example::
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -41,13 +48,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-
 __all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "mustafar_attention_forward"]
 
 #: Name of the attention implementation: ``attn_implementation="mustafar"``.
 ATTENTION_NAME = "mustafar"
-#: Attention kwargs the sparse decode path cannot honour (it raises when one is set).
+#: Attention kwargs the ``"mustafar"`` attention cannot honour over a Mustafar cache (it raises when one is set).
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
+#: The same, for plain SDPA over other caches: what this transformers' ``sdpa_attention_forward`` ignores silently.
+_UNSUPPORTED_BY_SDPA = tuple(
+    name for name in _UNSUPPORTED if name not in inspect.signature(sdpa_attention_forward).parameters
+)
 
 
 @dataclass(frozen=True)
@@ -127,28 +137,40 @@ def mustafar_attention_forward(
         ``([batch, q_len, q_heads, head_dim] in the query's dtype, None)``: no attention weights.
 
     Raises:
-        ValueError: on the sparse decode path, ``dropout > 0`` or an unsupported
-            option (softcap, attention sinks, position bias), or a mask that does not
-            cover the tokens held.
+        ValueError: an unsupported option (softcap, attention sinks, position bias) over a
+            Mustafar cache, or one that transformers' SDPA would ignore; on the sparse decode
+            path, ``dropout > 0`` or a mask that does not cover the tokens held; a reader the
+            cache layer refuses (see :func:`mustafar.model_support.check_reader`).
     """
     link = linked(key)
+    unsupported = [name for name in (_UNSUPPORTED if link else _UNSUPPORTED_BY_SDPA) if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"the 'mustafar' attention supports none of {_UNSUPPORTED}, got {unsupported} "
+                         f"from {type(module).__name__}")
+    if link is not None:
+        link.layer.consume(module, attention_mask)
+        _warn_sliding(link.layer, kwargs.get("sliding_window"))
     if link is None or link.dense:
-        if link is not None:
-            link.layer.consume()
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
-    if dropout or unsupported:
-        raise ValueError(
-            f"the 'mustafar' decode attention supports dropout=0 and none of {_UNSUPPORTED}, "
-            f"got dropout={dropout} and {unsupported}"
-        )
-    layer = link.layer
+    if dropout:
+        raise ValueError(f"the 'mustafar' decode attention supports dropout=0 only, got dropout={dropout}")
     scale = scaling if scaling is not None else getattr(module, "scaling", None)
-    out = layer.attend(query, key, value, scale, attention_mask)
-    layer.consume()
+    out = link.layer.attend(query, key, value, scale, attention_mask)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _warn_sliding(layer, sliding_window: int | None) -> None:
+    """Warn (once per place) when a sliding-window layer's cache holds more tokens than its window."""
+    if sliding_window is not None and layer.get_seq_length() > sliding_window:
+        warnings.warn(
+            f"a MustafarCache keeps every token of sliding-window layers (sliding_window={sliding_window}): the "
+            "attention mask hides the old ones, so the output is right, but DynamicCache(config=model.config) "
+            "would keep only the window of such layers",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 AttentionInterface.register(ATTENTION_NAME, mustafar_attention_forward)

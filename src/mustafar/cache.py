@@ -2,22 +2,28 @@
 
 Source: Mustafar (Joo et al., arXiv 2505.22913) prunes every Key (after RoPE)
 and Value vector per token by magnitude and keeps the most recent tokens dense
-(the local window, the paper's residual length). Each layer holds, in token
-order, a **compressed store** (two :class:`~mustafar.format.BitmapKV`, K and V:
-the oldest tokens, pruned once when they enter it) and the **local window**
-(dense ``layer.keys`` / ``layer.values``, ``[batch, kv_heads, w, head_dim]``).
+(the local window, the paper's residual length). Each layer
+(:class:`~mustafar.cache_layer.MustafarLayer`) holds, in token order, a
+**compressed store** (the oldest tokens, pruned once when they enter it) and the
+**local window** (dense, ``[batch, kv_heads, w, head_dim]``).
 
-Policy, one rule for prefill and decode: after every update, while the window
-holds ``window + chunk`` tokens or more, its oldest ``chunk`` tokens move to the
-store. The window thus keeps ``window`` to ``window + chunk - 1`` tokens (fewer
-while the sequence is shorter, or after a ``crop``), the store grows by whole
-chunks (at prefill: the largest multiple of ``chunk`` that leaves ``window``
-tokens, as the paper's code does with its residual length), and no token is
-ever dropped or reordered.
+The rule (:mod:`mustafar.cache_rules`): the prefill is attended dense; after it,
+each row's oldest ``pads + k * chunk`` tokens are attended pruned, for the
+largest ``k`` that leaves at least ``window`` real tokens dense. Without padding
+the store grows by whole chunks and the window keeps ``window`` to
+``window + chunk - 1`` tokens (fewer while the sequence is shorter); no token is
+ever dropped or reordered. Left-padded rows are pruned exactly as each prompt
+alone. Every ``generate()`` mode of transformers works: greedy, sampling, beam
+search (``reorder_cache``), assisted and prompt-lookup decoding (``crop``, exact
+under ``activate_past_recording``, which generate calls), and continuing with a
+returned cache. ``crop`` raises ``ValueError`` where it would need pruned
+entries back; offloading raises ``NotImplementedError``; a second model or a
+cross-attention reading the cache raises ``ValueError``.
 
 Attention must run through the ``"mustafar"`` implementation (registered on
 ``import mustafar``, see :mod:`mustafar.attention`); with any other, the first
-decode step raises ``ValueError``.
+decode step raises ``ValueError``. Which models are served:
+:mod:`mustafar.model_support` (pass ``config=model.config`` to check at construction).
 
 Example::
 
@@ -25,7 +31,7 @@ Example::
     >>> cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
     ...                                num_key_value_heads=2, intermediate_size=128, vocab_size=128)
     >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="mustafar")
-    >>> cache = mustafar.MustafarCache(0.5, 0.5, window=8, chunk=16)
+    >>> cache = mustafar.MustafarCache(0.5, 0.5, window=8, chunk=16, config=model.config)
     >>> _ = model.generate(torch.randint(128, (1, 40)), past_key_values=cache, max_new_tokens=10, do_sample=False)
     >>> cache.get_seq_length(), cache.layers[0].stored_tokens, round(cache.nbytes / cache.dense_nbytes, 3)
     (49, 32, 0.755)
@@ -33,227 +39,21 @@ Example::
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from ._checks import check_positive_int, check_sparsity
-from .attention import Link, held_mask, link_tensor
+from ._checks import check_sparsity
+from .cache_layer import NO_OFFLOADING, MustafarLayer
 from .config import SparsityConfig
-from .format import BitmapKV
-from .ops import BACKENDS, sparse_decode_attention
+from .model_support import check_model_config
+from .ops import BACKENDS
 
 __all__ = ["LayerSparsity", "MustafarCache", "MustafarLayer"]
 
 #: Per-layer sparsities: a sequence of ``(key_sparsity, value_sparsity)`` or ``layer_idx -> (ks, vs)``.
 LayerSparsity = Sequence[tuple[float, float]] | Callable[[int], tuple[float, float]]
-
-
-class MustafarLayer(CacheLayerMixin):
-    """One layer of :class:`MustafarCache`: a compressed store and a dense local window.
-
-    Attributes:
-        keys, values: the local window, ``[batch, kv_heads, w, head_dim]``, the cache dtype.
-        key_store, value_store: :class:`BitmapKV` of the older tokens (``None`` before the first update).
-        key_sparsity, value_sparsity: fraction of each Key / Value vector zeroed in the store, in [0, 1).
-        window, chunk, backend: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
-    """
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = True
-
-    def __init__(
-        self,
-        key_sparsity: float,
-        value_sparsity: float,
-        window: int,
-        chunk: int,
-        backend: str = "auto",
-        layer_idx: int = 0,
-    ):
-        super().__init__()
-        self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
-        self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
-        self.window = check_positive_int("window", window, minimum=0)
-        self.chunk = check_positive_int("chunk", chunk)
-        self.backend, self.layer_idx = _check_backend(backend), layer_idx
-        self.key_store: BitmapKV | None = None
-        self.value_store: BitmapKV | None = None
-        self._unconsumed = False
-
-    def __repr__(self) -> str:
-        return (
-            f"MustafarLayer({self.layer_idx}, K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}"
-            f", chunk={self.chunk}, stored={self.stored_tokens}, tokens={self.get_seq_length()})"
-        )
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Create the empty window and stores on the device and in the dtype of the states."""
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
-        b, h, _, dk = key_states.shape
-        dv = value_states.shape[-1]
-        self.key_store = BitmapKV.empty(b, h, dk, self.key_sparsity, dtype=key_states.dtype, device=self.device)
-        self.value_store = BitmapKV.empty(b, h, dv, self.value_sparsity, dtype=value_states.dtype, device=self.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]``; return dense K, V.
-
-        Returns every token held, unpruned, when the store was empty before this
-        update and ``n > 1`` (prefill) or no token moved: the attention runs dense
-        SDPA on them. Otherwise returns the local window, new tokens included, and
-        the attention reads the store besides.
-
-        Raises:
-            ValueError: the previous output was not read by the ``"mustafar"``
-                attention implementation, or the states do not match the cached ones.
-        """
-        if self._unconsumed:
-            raise ValueError(
-                f"MustafarCache layer {self.layer_idx}: the keys returned by the previous update were not read by the "
-                "'mustafar' attention implementation, so attention would miss the compressed tokens. Load the model "
-                'with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
-                "`import mustafar`"
-            )
-        self._check_states(key_states, value_states)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        was_empty = self.key_store.tokens == 0
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        moved = self._move_to_store(keys, values)
-        dense = was_empty and (key_states.shape[-2] > 1 or moved == 0)
-        out_keys, out_values = (keys, values) if dense else (self.keys, self.values)
-        link_tensor(out_keys, Link(self, dense))
-        self._unconsumed = True
-        return out_keys, out_values
-
-    def _move_to_store(self, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Keep ``keys``/``values`` as the window, moving its oldest whole chunks to the store; return tokens moved."""
-        moved = max(0, (keys.shape[-2] - self.window) // self.chunk) * self.chunk
-        if moved == 0:
-            self.keys, self.values = keys, values
-            return 0
-        self.key_store.append(keys[:, :, :moved])
-        self.value_store.append(values[:, :, :moved])
-        self.keys, self.values = keys[:, :, moved:].clone(), values[:, :, moved:].clone()
-        return moved
-
-    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        for name, new in (("key_states", key_states), ("value_states", value_states)):
-            if not isinstance(new, torch.Tensor) or new.dim() != 4:
-                raise ValueError(
-                    f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got {type(new).__name__}"
-                    f" {tuple(getattr(new, 'shape', ()))}"
-                )
-            old = None if not self.is_initialized else self.keys if name == "key_states" else self.values
-            if old is not None and (
-                new.shape[:2] != old.shape[:2] or new.shape[3:] != old.shape[3:] or new.dtype != old.dtype
-            ):
-                raise ValueError(
-                    f"{name} must be [{old.shape[0]}, {old.shape[1]}, n, {old.shape[3]}] {old.dtype} like the cached "
-                    f"tokens (call cache.reset() for a new batch), got {tuple(new.shape)} {new.dtype}"
-                )
-
-    def consume(self) -> None:
-        """Mark the output of the last :meth:`update` as read by the ``"mustafar"`` attention."""
-        self._unconsumed = False
-
-    def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
-        """Decode attention of ``query [b, q_heads, q_len, d]`` over the store and the window ``key``/``value``.
-
-        ``attention_mask`` covers every token held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
-        """
-        mask = held_mask(attention_mask, self.get_seq_length())
-        window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
-        return sparse_decode_attention(
-            query, self.key_store, self.value_store, *window, scale=scale, backend=self.backend, attention_mask=mask
-        )
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def stored_tokens(self) -> int:
-        """Tokens in the compressed store."""
-        return self.key_store.tokens if self.is_initialized else 0
-
-    def get_seq_length(self) -> int:
-        """Tokens held: compressed store + local window."""
-        return self.stored_tokens + self.keys.shape[-2] if self.is_initialized else 0
-
-    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens: every token is attended."""
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        """``-1``: the cache grows without bound."""
-        return -1
-
-    def _total(self, store_attr: str, window_bytes: Callable[[torch.Tensor], int]) -> int:
-        if not self.is_initialized:
-            return 0
-        stores = getattr(self.key_store, store_attr) + getattr(self.value_store, store_attr)
-        return stores + window_bytes(self.keys) + window_bytes(self.values)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tokens held: store values + bitmaps (K and V) + the dense window."""
-        return self._total("nbytes", _held_bytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes a dense cache of the same tokens would hold (same dtype)."""
-        return self._total("dense_nbytes", _held_bytes)
-
-    @property
-    def allocated_nbytes(self) -> int:
-        """Bytes allocated: store capacity (room not yet used included) + the window's storage."""
-        return self._total("allocated_nbytes", lambda t: t.untyped_storage().nbytes())
-
-    # ------------------------------------------------------------------ edits
-    def reset(self) -> None:
-        """Drop every token; the next update starts a new sequence (any batch size)."""
-        self.keys = self.values = self.key_store = self.value_store = None
-        self.is_initialized = self._unconsumed = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (``tokens_to_remove < 0``, transformers >= 5.18).
-
-        A positive value is the legacy convention of transformers 5.17: keep the
-        first ``tokens_to_remove`` tokens. A crop into the store truncates it
-        (kept tokens stay pruned; the window may then hold fewer than ``window``).
-        """
-        n = operator.index(tokens_to_remove)
-        if not self.is_initialized or n == 0:
-            return
-        total, stored = self.get_seq_length(), self.stored_tokens
-        keep = max(0, total + n) if n < 0 else min(n, total)
-        if keep < stored:
-            self.key_store.truncate(keep)
-            self.value_store.truncate(keep)
-        self.keys, self.values = self.keys[:, :, : max(0, keep - stored)], self.values[:, :, : max(0, keep - stored)]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep (reorder, repeat) the batch rows ``beam_idx`` (beam search)."""
-        if not self.is_initialized:
-            return
-        index = beam_idx.to(device=self.device, dtype=torch.long)
-        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-        self.key_store.select_batch(index)
-        self.value_store.select_batch(index)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every batch row ``repeats`` times in place (``torch.repeat_interleave`` order)."""
-        if self.is_initialized:
-            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows ``indices`` (an index or bool tensor, or a list)."""
-        if self.is_initialized:
-            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device)[indices])
 
 
 class MustafarCache(Cache):
@@ -266,13 +66,17 @@ class MustafarCache(Cache):
         chunk: tokens moved from the window to the compressed store at once, >= 1.
         layer_sparsity: per-layer ``(key_sparsity, value_sparsity)``, a sequence
             indexed by layer or a callable ``layer_idx -> pair``; overrides the two above.
-        backend: decode attention backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: decode attention backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        config: optional, the model's config (``model.config``): checked at once
+            (:func:`mustafar.model_support.check_model_config`), and a ``layer_sparsity``
+            sequence must then have one entry per layer.
 
     Storage lives on the device and in the dtype of each layer's keys. Sizes in
     bytes: :attr:`nbytes` (held), :attr:`dense_nbytes`, :attr:`allocated_nbytes`.
 
     Raises:
-        TypeError / ValueError: an argument of the wrong type or out of range.
+        TypeError / ValueError: an argument of the wrong type or out of range, or a
+            model the cache cannot serve.
     """
 
     is_compileable = False
@@ -286,17 +90,27 @@ class MustafarCache(Cache):
         *,
         layer_sparsity: LayerSparsity | None = None,
         backend: str = "auto",
+        config=None,
     ):
         if isinstance(key_sparsity, SparsityConfig):
             raise TypeError("key_sparsity must be a float; for a SparsityConfig use MustafarCache.from_config(config)")
         self.config = SparsityConfig(key_sparsity, value_sparsity, window, chunk)
         self.backend = _check_backend(backend)
         self.layer_sparsity = _check_layer_sparsity(layer_sparsity)
+        if config is not None:
+            layers = check_model_config(config)
+            if isinstance(self.layer_sparsity, list) and len(self.layer_sparsity) != layers:
+                raise ValueError(f"layer_sparsity must have one entry per layer of the model ({layers}), got "
+                                 f"{len(self.layer_sparsity)}")
+        self.record_past = False
         super().__init__(layers=[])
 
     @classmethod
-    def from_config(cls, config: SparsityConfig, **kwargs) -> MustafarCache:
-        """A cache for a :class:`~mustafar.config.SparsityConfig` (``method`` must be ``"per-token"``)."""
+    def from_config(cls, config: SparsityConfig, /, **kwargs) -> MustafarCache:
+        """A cache for a :class:`~mustafar.config.SparsityConfig` (``method`` must be ``"per-token"``).
+
+        ``kwargs`` go to the constructor (``backend``, ``layer_sparsity``, ``config=model.config``).
+        """
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"config must be a mustafar.SparsityConfig, got {type(config).__name__}")
         if config.method != "per-token":
@@ -323,12 +137,41 @@ class MustafarCache(Cache):
         return self.layer_sparsity[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Append new tokens to layer ``layer_idx`` (creating layers as needed); see :meth:`MustafarLayer.update`."""
+        """Append new tokens to layer ``layer_idx`` (creating layers as needed); see :meth:`MustafarLayer.update`.
+
+        Raises:
+            NotImplementedError: ``offloading`` was switched on.
+        """
+        if self.offloading:
+            raise NotImplementedError(NO_OFFLOADING)
         while len(self.layers) <= layer_idx:
             ks, vs = self.sparsity_of(len(self.layers))
             c = self.config
-            self.layers.append(MustafarLayer(ks, vs, c.window, c.chunk, self.backend, layer_idx=len(self.layers)))
+            self.layers.append(MustafarLayer(ks, vs, c.window, c.chunk, self.backend, layer_idx=len(self.layers),
+                                             record_past=self.record_past))
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def activate_past_recording(self) -> None:
+        """Keep each update's own tokens dense until the next one, so that ``crop`` can remove them exactly.
+
+        transformers calls it before assisted decoding. What the attention reads does not change; the
+        window holds the last update's tokens on top (a prefill stays dense until the next update).
+        """
+        self.record_past = True
+        for layer in self.layers:
+            layer.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens of every layer (a positive value: keep that many, 5.17).
+
+        Raises:
+            ValueError: in any layer the crop would need pruned entries back (nothing is removed then).
+        """
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.crop_check(tokens_to_remove)
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         """``-1``: no maximum length."""
@@ -352,10 +195,6 @@ def _check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
-
-
-def _held_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _check_pair(name: str, pair: object) -> tuple[float, float]:

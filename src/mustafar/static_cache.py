@@ -3,10 +3,18 @@
 Source: Mustafar (Joo et al., arXiv 2505.22913); the static layout is this
 project's (see :mod:`mustafar.static_ops`). It is to :class:`~mustafar.MustafarCache`
 what transformers' ``StaticCache`` is to ``DynamicCache``: every buffer is
-allocated at construction for ``max_tokens``, the decode step has static shapes
-and reads the token count on the device, so one step can be captured and
-replayed. Semantics are those of ``MustafarCache(window=w, chunk=1)``: after each
-step the last ``w`` tokens are dense, every older one is pruned in the store.
+allocated once for ``max_tokens``, the decode step has static shapes and reads
+the token count on the device, so one step can be captured and replayed.
+Semantics are those of ``MustafarCache(window=w, chunk=1)``: after each step the
+last ``w`` tokens are dense, every older one is pruned in the store.
+
+Allocation is lazy, per layer, at the layer's first update (the eager prefill):
+shape, dtype and device come from that layer's ``key_states``. So each layer's
+storage sits on the device of its own keys (``device_map`` may spread layers over
+several GPUs), and under tensor parallelism each rank holds only the KV heads it
+computes (``num_key_value_heads / tp_size``), not the config's count (issue 6).
+Nothing is allocated before the prefill (:attr:`~StaticMustafarCache.allocated_nbytes` is 0);
+the prefill must run eagerly, outside any CUDA graph capture.
 
 Use it in a manual loop (``model(input_ids, past_key_values=cache, position_ids=...)``; pass the
 positions explicitly, since graph replays do not advance the host-side token count):
@@ -20,12 +28,14 @@ Example::
     ...                                num_key_value_heads=2, intermediate_size=128, vocab_size=128)
     >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="mustafar")
     >>> cache = mustafar.StaticMustafarCache(cfg, batch_size=1, max_tokens=64, window=8)
+    >>> cache.allocated_nbytes  # nothing before the prefill
+    0
     >>> ids = torch.randint(128, (1, 20))
     >>> logits = model(ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
     >>> nxt = logits[:, -1:].argmax(-1)
     >>> logits = model(nxt, past_key_values=cache, position_ids=torch.tensor([[20]])).logits
-    >>> int(cache.layers[0].length), cache.get_seq_length()
-    (21, 21)
+    >>> int(cache.layers[0].length), cache.get_seq_length(), cache.layers[0].keys.shape
+    (21, 21, torch.Size([1, 2, 8, 16]))
 """
 
 from __future__ import annotations
@@ -33,16 +43,23 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._checks import check_positive_int, check_sparsity
+from ._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from .attention import Link, link_tensor
+from .cache_rules import pads_from_mask
 from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from .ops import BACKENDS
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
 
 
 class StaticMustafarLayer(CacheLayerMixin):
-    """One layer: a store allocated for ``max_tokens - window`` tokens, a ring of ``window`` dense slots.
+    """One layer: a store for ``max_tokens - window`` tokens and a ring of ``window`` dense slots.
+
+    Both are allocated at the first :meth:`update`, like its ``key_states`` (batch, KV heads,
+    head_dim, dtype, device); ``batch_size``, ``dtype`` and ``device`` (its type only), when given,
+    are checked against those states. Before the first update ``keys``, ``values``, the stores
+    and ``length`` are ``None``.
 
     Attributes:
         keys, values: the ring ``[batch, kv_heads, window, head_dim]`` (token ``t`` in slot ``t % window``).
@@ -54,29 +71,47 @@ class StaticMustafarLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, shape, max_tokens, key_sparsity, value_sparsity, window, dtype, device, backend, layer_idx):
+    def __init__(self, max_tokens: int, key_sparsity: float, value_sparsity: float, window: int,
+                 backend: str = "auto", layer_idx: int = 0, *, batch_size: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
-        batch, kv_heads, head_dim = shape
-        self.window, self.max_tokens, self.backend, self.layer_idx = window, max_tokens, backend, layer_idx
-        capacity = max(0, max_tokens - window)
-        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, key_sparsity, dtype, device, capacity=capacity)
-        self.value_store = BitmapKV.empty(batch, kv_heads, head_dim, value_sparsity, dtype, device, capacity=capacity)
-        self.keys = torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.length = torch.zeros((), dtype=torch.int64, device=device)
-        self.dtype, self.device, self.is_initialized = dtype, torch.device(device), True
+        self.max_tokens, self.window, self.backend, self.layer_idx = max_tokens, window, backend, layer_idx
+        self.key_sparsity, self.value_sparsity = key_sparsity, value_sparsity
+        self.expected_batch, self.expected_dtype = batch_size, dtype
+        self.expected_device_type = None if device is None else torch.device(device).type
+        self.key_store = self.value_store = self.length = None
         self.host_length = 0  # mirror of `length` for eager callers; not advanced by graph replays
         self._unconsumed = False
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        """Nothing: storage is allocated at construction."""
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate the ring, the stores (whole capacity) and ``length`` like ``key_states``.
+
+        Raises:
+            ValueError: called while a CUDA graph is being captured (run the prefill eagerly first).
+        """
+        if key_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"StaticMustafarCache layer {self.layer_idx} allocates its storage at its first update: "
+                             "run the prefill eagerly before capturing a decode step in a CUDA graph")
+        batch, kv_heads, _, head_dim = key_states.shape
+        dtype, device = key_states.dtype, key_states.device
+        capacity = max(0, self.max_tokens - self.window)
+        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, self.key_sparsity, dtype, device, capacity=capacity)
+        self.value_store = BitmapKV.empty(batch, kv_heads, head_dim, self.value_sparsity, dtype, device,
+                                          capacity=capacity)
+        self.keys = torch.zeros(batch, kv_heads, self.window, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = torch.zeros((), dtype=torch.int64, device=device)
+        self.dtype, self.device, self.is_initialized = dtype, device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Prefill (``n > 1`` tokens, empty cache: returns them dense) or one decode step (returns the ring).
 
+        The first update allocates the storage (:meth:`lazy_initialization`); a decode step after it
+        allocates only per-token temporaries and reads nothing on the host.
+
         Raises:
             ValueError: the previous output was not read by the ``"mustafar"`` attention; states of another
-                shape or dtype; a multi-token step on a non-empty cache; more tokens than ``max_tokens``.
+                shape, dtype or device type; a multi-token step on a non-empty cache; more tokens than ``max_tokens``.
         """
         if self._unconsumed:
             raise ValueError(f"StaticMustafarCache layer {self.layer_idx}: the previous update was not read by the "
@@ -86,6 +121,8 @@ class StaticMustafarLayer(CacheLayerMixin):
         if self.host_length + n > self.max_tokens:
             raise ValueError(f"StaticMustafarCache holds max_tokens={self.max_tokens}, got "
                              f"{self.host_length} + {n} tokens")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         if n > 1:
             return self._prefill(key_states, value_states)
         static_evict(self.keys, self.key_store, self.length, self.backend)
@@ -118,17 +155,42 @@ class StaticMustafarLayer(CacheLayerMixin):
         self._unconsumed = True
         return keys, values
 
+    def _expected(self, key_states: torch.Tensor) -> tuple[tuple[int, int, int], torch.dtype]:
+        """``((batch, kv_heads, head_dim), dtype)`` the states must have: the storage's, else the first keys'."""
+        if self.is_initialized:
+            return (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]), self.dtype
+        batch, kv_heads, _, head_dim = key_states.shape
+        return (self.expected_batch or batch, kv_heads, head_dim), self.expected_dtype or key_states.dtype
+
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         for name, new in (("key_states", key_states), ("value_states", value_states)):
-            expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
-            if (not isinstance(new, torch.Tensor) or new.dim() != 4 or (new.shape[0], new.shape[1], new.shape[3])
-                    != expected or new.dtype != self.dtype):
-                raise ValueError(f"{name} must be [{expected[0]}, {expected[1]}, n, {expected[2]}] {self.dtype}, "
-                                 f"got {tuple(getattr(new, 'shape', ()))} {getattr(new, 'dtype', type(new))}")
+            if not isinstance(new, torch.Tensor) or new.dim() != 4:
+                raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
+                                 f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
+        shape, dtype = self._expected(key_states)
+        for name, new in (("key_states", key_states), ("value_states", value_states)):
+            if (new.shape[0], new.shape[1], new.shape[3]) != shape or new.dtype != dtype \
+                    or new.shape[2] != key_states.shape[2]:
+                raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}, n, {shape[2]}] {dtype}, "
+                                 f"got {tuple(new.shape)} {new.dtype}")
+        if not self.is_initialized:
+            device_type = self.expected_device_type or key_states.device.type
+            if key_states.device.type != device_type or value_states.device != key_states.device:
+                raise ValueError(f"key_states and value_states must be on one {device_type} device, got "
+                                 f"{key_states.device} and {value_states.device}")
 
-    def consume(self) -> None:
-        """Mark the output of the last update as read by the ``"mustafar"`` attention."""
+    def consume(self, module=None, attention_mask: torch.Tensor | None = None) -> None:
+        """Mark the output of the last update as read by the ``"mustafar"`` attention.
+
+        Raises:
+            ValueError: the prefill's ``attention_mask`` pads a row (this cache ignores masks; use MustafarCache).
+        """
         self._unconsumed = False
+        tokens = self.host_length
+        prefill = attention_mask is not None and tokens > 1 and attention_mask.shape[-2] == tokens
+        if prefill and any(pads_from_mask(attention_mask, self.keys.shape[0], tokens)):
+            raise ValueError("StaticMustafarCache does not support padded batches (its decode attention reads "
+                             "no mask): the prefill's attention_mask pads a row; use MustafarCache")
 
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
         """Static decode attention (the mask is not read: no padding in this cache)."""
@@ -146,53 +208,73 @@ class StaticMustafarLayer(CacheLayerMixin):
         return self.max_tokens
 
     def reset(self) -> None:
-        """Empty the cache (storage kept)."""
-        self.length.zero_()
+        """Empty the cache; allocated storage is kept (same batch, heads, dtype and device next time)."""
         self.host_length = 0
-        self.key_store.truncate(0)
-        self.value_store.truncate(0)
         self._unconsumed = False
+        if self.is_initialized:
+            self.length.zero_()
+            self.key_store.truncate(0)
+            self.value_store.truncate(0)
 
 
 class StaticMustafarCache(Cache):
-    """A preallocated, graph-capturable compressed KV cache (see the module docstring).
+    """A graph-capturable compressed KV cache, allocated per layer at the prefill (see the module docstring).
 
     Args:
-        config: the model's config (``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``).
-        batch_size: sequences decoded together.
-        max_tokens: prompt + generated tokens the cache must hold.
+        config: the model's config, optional: only its ``num_hidden_layers`` is read, to create the
+            layer objects up front (without it they are created at their first update). Its KV head
+            count is not used: each layer takes its heads from its keys (tensor parallelism slices them).
+        batch_size: optional; if given, the prefill's batch must equal it.
+        max_tokens: prompt + generated tokens the cache must hold (required).
         key_sparsity, value_sparsity: fraction of each Key / Value vector zeroed, in [0, 1).
         window: dense local window (ring slots), >= 1.
-        dtype, device: of the storage (default fp16 and the current CUDA device, else the CPU).
-        backend: ``"auto"``, ``"cuda"`` or ``"torch"``.
+        dtype: optional; if given, the keys must have it. The storage always takes the keys' dtype.
+        device: optional; if given, the keys must be on a device of its type (``"cuda"``: any GPU, so
+            that ``device=model.device`` also works for layers that ``device_map`` put on other GPUs).
+            The storage always sits on each layer's own key device.
+        backend: ``"auto"``, ``"cuda"`` or ``"torch"`` (``"triton"`` uses the reference).
 
     Raises:
-        ValueError / TypeError: bad sizes or sparsities.
+        ValueError / TypeError: bad sizes, sparsities, dtype or backend; at the prefill, keys that
+        contradict ``batch_size``, ``dtype`` or ``device``.
     """
 
-    def __init__(self, config, batch_size: int, max_tokens: int, key_sparsity: float = 0.5,
-                 value_sparsity: float = 0.5, window: int = 32, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, backend: str = "auto"):
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        shape = (check_positive_int("batch_size", batch_size), getattr(text, "num_key_value_heads", heads), head_dim)
-        check_positive_int("max_tokens", max_tokens)
-        check_positive_int("window", window)
-        ks, vs = check_sparsity("key_sparsity", key_sparsity), check_sparsity("value_sparsity", value_sparsity)
-        device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        layers = [StaticMustafarLayer(shape, max_tokens, ks, vs, window, dtype, device, backend, i)
-                  for i in range(text.num_hidden_layers)]
-        super().__init__(layers=layers)
-        self.key_sparsity, self.value_sparsity, self.window, self.max_tokens = ks, vs, window, max_tokens
+    is_compileable = False
+
+    def __init__(self, config=None, batch_size: int | None = None, max_tokens: int | None = None,
+                 key_sparsity: float = 0.5, value_sparsity: float = 0.5, window: int = 32,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, backend: str = "auto"):
+        if max_tokens is None:
+            raise TypeError("StaticMustafarCache needs max_tokens: the prompt + generated tokens it must hold")
+        if dtype is not None and dtype not in CACHE_DTYPES:
+            raise TypeError(f"dtype must be None or one of {CACHE_DTYPES}, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.max_tokens = check_positive_int("max_tokens", max_tokens)
+        self.window = check_positive_int("window", window)
+        self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
+        self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
+        batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
+        self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device))
+        self.backend = backend
+        super().__init__(layers=[self._new_layer(i) for i in range(_config_layers(config))])
+
+    def _new_layer(self, layer_idx: int) -> StaticMustafarLayer:
+        return StaticMustafarLayer(self.max_tokens, self.key_sparsity, self.value_sparsity, self.window,
+                                   self.backend, layer_idx, **self._expect)
 
     def __repr__(self) -> str:
         return (f"StaticMustafarCache(K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}, "
                 f"max_tokens={self.max_tokens}, layers={len(self.layers)})")
 
-    def _bytes(self, store_bytes) -> int:
-        return sum(store_bytes(layer) for layer in self.layers)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append to layer ``layer_idx`` (created if needed); see :meth:`StaticMustafarLayer.update`."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def _bytes(self, layer_bytes) -> int:
+        return sum(layer_bytes(layer) for layer in self.layers if layer.is_initialized)
 
     @property
     def nbytes(self) -> int:
@@ -208,10 +290,23 @@ class StaticMustafarCache(Cache):
     @property
     def dense_nbytes(self) -> int:
         """Bytes a dense cache of the same tokens would hold."""
-        return self._bytes(lambda layer: 2 * layer.host_length * layer.keys[:, :, 0].numel() * layer.keys.element_size())
+        return self._bytes(lambda layer: 2 * layer.host_length * layer.keys[:, :, 0].numel()
+                           * layer.keys.element_size())
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes allocated for the whole ``max_tokens`` (stores + rings)."""
+        """Bytes allocated (stores for ``max_tokens`` + rings), all layers; 0 before the prefill."""
         return self._bytes(lambda layer: layer.key_store.allocated_nbytes + layer.value_store.allocated_nbytes
                            + 2 * layer.keys.numel() * layer.keys.element_size())
+
+
+def _config_layers(config) -> int:
+    """``num_hidden_layers`` of ``config`` (its text config for multimodal ones), 0 for ``None``."""
+    if config is None:
+        return 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        raise TypeError(f"config must be a transformers config with num_hidden_layers >= 1, "
+                        f"got {type(config).__name__}")
+    return layers

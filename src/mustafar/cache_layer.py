@@ -1,0 +1,303 @@
+"""``MustafarLayer``: one layer of :class:`~mustafar.MustafarCache`, a compressed store and a dense local window.
+
+Source: Mustafar (Joo et al., arXiv 2505.22913). The layer holds, in token order,
+a **compressed store** (two :class:`~mustafar.format.BitmapKV`, K and V: the
+oldest tokens, pruned once when they enter it) and the **local window** (dense
+``keys`` / ``values``, ``[batch, kv_heads, w, head_dim]``).
+
+What the attention reads follows :mod:`mustafar.cache_rules`: the first update
+of an empty layer with several tokens (the **prefill**) is attended dense, as in
+the paper; every later update attends each row's tokens before its boundary
+pruned (per token) and the rest dense. Where the tokens physically are does not
+change that:
+
+- **eviction**: after an update (after the prefill's attention, which also reads
+  the left padding from the mask), the window's oldest tokens move to the store
+  up to the smallest row boundary. Without padding that is whole chunks: the
+  window keeps ``window`` to ``window + chunk - 1`` tokens.
+- **past recording** (``record_past``, set by transformers' ``activate_past_recording``
+  before assisted decoding): an update moves only tokens held before it, so that
+  ``crop`` of up to that update's tokens is exact. The window then also holds
+  the last update's tokens; the attention prunes what lags behind.
+- **crop** removes tokens only where the result is a state the rule allows (no
+  token pruned that the rule keeps dense); otherwise ``ValueError``, since pruned
+  entries cannot be restored.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ._checks import check_positive_int, check_sparsity
+from .attention import Link, held_mask, link_tensor
+from .cache_rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
+from .format import BitmapKV
+from .model_support import check_reader
+from .ops import BACKENDS, sparse_decode_attention
+
+__all__ = ["NO_OFFLOADING", "MustafarLayer"]
+
+#: Message of the ``NotImplementedError`` raised for offloading.
+NO_OFFLOADING = ("MustafarCache does not support offloading (Cache(offloading=True)); its compressed store already "
+                 "holds a fraction of the dense bytes")
+
+
+class MustafarLayer(CacheLayerMixin):
+    """One layer of :class:`MustafarCache`: a compressed store and a dense local window.
+
+    Attributes:
+        keys, values: the local window, ``[batch, kv_heads, w, head_dim]``, the cache dtype.
+        key_store, value_store: :class:`BitmapKV` of the older tokens (``None`` before the first update).
+        key_sparsity, value_sparsity: fraction of each Key / Value vector zeroed in the store, in [0, 1).
+        pads: left-padding tokens per batch row (read from the prefill's attention mask).
+        record_past: keep the last update's tokens dense so that ``crop`` can remove them exactly.
+        window, chunk, backend: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, key_sparsity: float, value_sparsity: float, window: int, chunk: int, backend: str = "auto",
+                 layer_idx: int = 0, record_past: bool = False):
+        super().__init__()
+        self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
+        self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
+        self.window = check_positive_int("window", window, minimum=0)
+        self.chunk = check_positive_int("chunk", chunk)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend, self.layer_idx, self.record_past = backend, layer_idx, bool(record_past)
+        self.key_store: BitmapKV | None = None
+        self.value_store: BitmapKV | None = None
+        self.pads: list[int] = []
+        self._unconsumed = self._pending = False
+        self._reader: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MustafarLayer({self.layer_idx}, K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}"
+            f", chunk={self.chunk}, stored={self.stored_tokens}, tokens={self.get_seq_length()})"
+        )
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Create the empty window and stores on the device and in the dtype of the states."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        b, h, _, d = key_states.shape
+        self.key_store = BitmapKV.empty(b, h, d, self.key_sparsity, dtype=key_states.dtype, device=self.device)
+        self.value_store = BitmapKV.empty(b, h, d, self.value_sparsity, dtype=value_states.dtype, device=self.device)
+        self.pads = [0] * b
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]``; return dense K, V.
+
+        Returns every token held, unpruned, for the prefill (``n > 1`` on an empty layer) or while no
+        token is to be pruned: the attention runs dense SDPA on them. Otherwise returns the local
+        window, new tokens included, and the attention reads the store besides.
+
+        Raises:
+            ValueError: the previous output was not read by the ``"mustafar"`` attention implementation,
+                or the states do not match the cached ones (shape, dtype, K and V head_dim).
+        """
+        if self._unconsumed:
+            raise ValueError(
+                f"MustafarCache layer {self.layer_idx}: the keys returned by the previous update were not read by the "
+                "'mustafar' attention implementation, so attention would miss the compressed tokens. Load the model "
+                'with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
+                "`import mustafar`. Models that transform the cached states before attention (e.g. DeepSeek's "
+                "multi-head latent attention) cannot use a MustafarCache"
+            )
+        self._check_states(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old, n = self.get_seq_length(), key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._pending = old == 0 and n > 1  # the prefill: evicted after its attention has read the padding
+        if not self._pending:
+            self._evict(old if self.record_past else old + n)
+        dense = self._pending or (self.stored_tokens == 0 and self._nothing_pruned(old + n))
+        link_tensor(self.keys, Link(self, dense))
+        self._unconsumed = True
+        return self.keys, self.values
+
+    def _nothing_pruned(self, total: int) -> bool:
+        return all(b == p for b, p in zip(boundaries(total, self.pads, self.window, self.chunk), self.pads))
+
+    def _evict(self, total: int) -> None:
+        """Move the window's oldest tokens to the store, up to the smallest row boundary at ``total`` tokens."""
+        moved = min(boundaries(total, self.pads, self.window, self.chunk)) - self.stored_tokens
+        if moved <= 0:
+            return
+        self.key_store.append(self.keys[:, :, :moved])
+        self.value_store.append(self.values[:, :, :moved])
+        self.keys, self.values = self.keys[:, :, moved:].clone(), self.values[:, :, moved:].clone()
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, new in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(new, torch.Tensor) or new.dim() != 4:
+                raise ValueError(
+                    f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got {type(new).__name__}"
+                    f" {tuple(getattr(new, 'shape', ()))}"
+                )
+        if value_states.shape[-1] != key_states.shape[-1]:
+            raise ValueError(
+                f"value_states must have the head_dim of key_states ({key_states.shape[-1]}) in a MustafarCache, got "
+                f"{value_states.shape[-1]} (models that cache latents of other sizes, e.g. DeepSeek V2/V3 multi-head "
+                "latent attention, are not supported)"
+            )
+        old = self.keys if self.is_initialized else None
+        for name, new in (("key_states", key_states), ("value_states", value_states)):
+            if old is not None and (new.shape[:2] != old.shape[:2] or new.shape[3:] != old.shape[3:]
+                                    or new.dtype != old.dtype):
+                raise ValueError(
+                    f"{name} must be [{old.shape[0]}, {old.shape[1]}, n, {old.shape[3]}] {old.dtype} like the cached "
+                    f"tokens (call cache.reset() for a new batch), got {tuple(new.shape)} {new.dtype}"
+                )
+
+    def consume(self, module=None, attention_mask: torch.Tensor | None = None) -> None:
+        """Mark the output of the last :meth:`update` as read by the ``"mustafar"`` attention.
+
+        ``module``: the attention module (checked: causal, and the layer's first reader);
+        ``attention_mask``: its mask, from which a prefill learns each row's left padding.
+
+        Raises:
+            ValueError: see :func:`mustafar.model_support.check_reader` and
+                :func:`mustafar.cache_rules.pads_from_mask`.
+        """
+        if module is not None:
+            self._reader = check_reader(self.layer_idx, module, self._reader)
+        if self._pending:
+            self.pads = pads_from_mask(attention_mask, self.keys.shape[0], self.keys.shape[2])
+            self._pending = False
+            self._evict(0 if self.record_past else self.get_seq_length())
+        self._unconsumed = False
+
+    def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
+        """Decode attention of ``query [b, q_heads, q_len, d]`` over the store and the window ``key``/``value``.
+
+        Window tokens before a row's boundary are pruned on the fly. ``attention_mask`` covers every token
+        held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
+        """
+        total, stored = self.get_seq_length(), self.stored_tokens
+        lags = [max(0, b - stored) for b in boundaries(total, self.pads, self.window, self.chunk)]
+        key = prune_rows_prefix(key, lags, self.key_sparsity)
+        value = prune_rows_prefix(value, lags, self.value_sparsity)
+        window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
+        return sparse_decode_attention(query, self.key_store, self.value_store, *window, scale=scale,
+                                       backend=self.backend, attention_mask=held_mask(attention_mask, total))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens in the compressed store."""
+        return self.key_store.tokens if self.is_initialized else 0
+
+    def get_seq_length(self) -> int:
+        """Tokens held: compressed store + local window (left padding included)."""
+        return self.stored_tokens + self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens: every token is attended."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        """``-1``: the cache grows without bound."""
+        return -1
+
+    def _total(self, store_attr: str, window_bytes: Callable[[torch.Tensor], int]) -> int:
+        if not self.is_initialized:
+            return 0
+        stores = getattr(self.key_store, store_attr) + getattr(self.value_store, store_attr)
+        return stores + window_bytes(self.keys) + window_bytes(self.values)
+
+    nbytes = property(lambda self: self._total("nbytes", _held_bytes),
+                      doc="Bytes of the tokens held: store values + bitmaps (K and V) + the dense window.")
+    dense_nbytes = property(lambda self: self._total("dense_nbytes", _held_bytes),
+                            doc="Bytes a dense cache of the same tokens would hold (same dtype).")
+    allocated_nbytes = property(lambda self: self._total("allocated_nbytes", lambda t: t.untyped_storage().nbytes()),
+                                doc="Bytes allocated: store capacity (room not yet used included) + the window.")
+
+    # ------------------------------------------------------------------ edits
+    def reset(self) -> None:
+        """Drop every token and the reader; the next update starts a new sequence (any batch size)."""
+        self.keys = self.values = self.key_store = self.value_store = None
+        self.pads, self._reader = [], None
+        self.is_initialized = self._unconsumed = self._pending = False
+
+    def offload(self) -> None:
+        """Not supported: raises ``NotImplementedError`` (the compressed store has no CPU offloading)."""
+        raise NotImplementedError(NO_OFFLOADING)
+
+    prefetch = offload
+
+    def crop_check(self, tokens_to_remove: int) -> int:
+        """The number of tokens :meth:`crop` keeps for ``tokens_to_remove``; raises if that crop is not exact.
+
+        Raises:
+            TypeError: ``tokens_to_remove`` not an int.
+            ValueError: the crop would leave pruned tokens that the rule keeps dense.
+        """
+        n = operator.index(tokens_to_remove)
+        total, stored = self.get_seq_length(), self.stored_tokens
+        keep = max(0, total + n) if n <= 0 else min(n, total)
+        if keep < total and min(stored, keep) > min(boundaries(keep, self.pads, self.window, self.chunk), default=0):
+            limit = crop_limit(stored, total, self.pads, self.window, self.chunk)
+            raise ValueError(
+                f"crop({n}) would keep {keep} of the {total} tokens of MustafarCache layer {self.layer_idx}, but "
+                f"{stored} are pruned in its compressed store, more than a cache of {keep} tokens prunes: pruned "
+                f"entries cannot be restored. At most {limit} tokens can be removed now (or all of them); call "
+                "cache.activate_past_recording() before adding tokens you may remove (assisted decoding does), or "
+                "cache.reset()"
+            )
+        return keep
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (``tokens_to_remove <= 0``, transformers >= 5.18).
+
+        A positive value is the legacy convention of transformers 5.17: keep the first
+        ``tokens_to_remove`` tokens. Raises ``ValueError`` where the crop cannot be exact
+        (see :meth:`crop_check`).
+        """
+        if not self.is_initialized:
+            operator.index(tokens_to_remove)
+            return
+        keep, stored = self.crop_check(tokens_to_remove), self.stored_tokens
+        if keep < stored:
+            self.key_store.truncate(keep)
+            self.value_store.truncate(keep)
+        self.keys, self.values = self.keys[:, :, : max(0, keep - stored)], self.values[:, :, : max(0, keep - stored)]
+        self.pads = [min(p, keep) for p in self.pads]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep (reorder, repeat) the batch rows ``beam_idx`` (beam search)."""
+        if not self.is_initialized:
+            return
+        index = beam_idx.to(device=self.device, dtype=torch.long)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.key_store.select_batch(index)
+        self.value_store.select_batch(index)
+        if min(self.pads) == max(self.pads):  # no host synchronisation for unpadded batches
+            self.pads = self.pads[:1] * index.numel()
+        else:
+            self.pads = [self.pads[i] for i in index.tolist()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (``torch.repeat_interleave`` order)."""
+        if self.is_initialized:
+            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` (an index or bool tensor, or a list)."""
+        if self.is_initialized:
+            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device)[indices])
+
+
+def _held_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

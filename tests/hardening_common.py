@@ -1,0 +1,109 @@
+"""Shared pieces of the tests/test_hardening_*.py files (issue 5): tiny models and an oracle cache.
+
+The oracle, :class:`ReferenceCache`, is a transformers ``DynamicCache`` that keeps
+every token dense and returns, from each update after the prefill, each row's
+tokens before its boundary pruned per token (``prune_per_token``): the rule of
+:mod:`mustafar.cache_rules`, written out again independently. The ``"mustafar"``
+attention runs plain SDPA over it, so a model decoding with it computes what a
+``MustafarCache`` must compute, by another road.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaModel
+
+import mustafar  # noqa: F401  (registers the "mustafar" attention)
+from mustafar import prune_per_token
+
+# transformers >= 5.18 renamed the cache argument of forward/generate to `cache`.
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+VOCAB = 128
+BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": VOCAB, "initializer_range": 0.2}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with torch on one thread: on small shared CPUs, intra-op threads on tiny tensors cost ~8x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(config=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random model (``"mustafar"`` attention, eval mode) of ``config`` or a tiny Llama with ``overrides``."""
+    torch.manual_seed(seed)
+    config = config if config is not None else LlamaConfig(**{**BASE, **overrides})
+    return AutoModelForCausalLM.from_config(config, attn_implementation="mustafar").to(dtype).eval()
+
+
+def prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    """Random token ids ``[batch, length]`` (int64)."""
+    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[len(rows), longest]`` of 1-d prompts padded on the left."""
+    longest = max(row.numel() for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, longest - row.numel():], mask[i, longest - row.numel():] = row, 1
+    return ids, mask
+
+
+def boundary(total: int, pads: int, window: int, chunk: int) -> int:
+    """Tokens of a row attended pruned: its pads and whole chunks of real tokens leaving ``window`` dense."""
+    pads = min(pads, total)
+    return pads + max(0, (total - pads - window) // chunk) * chunk
+
+
+class ReferenceCache(DynamicCache):
+    """The oracle: dense storage; each update after the prefill returns the tokens before each row's boundary pruned.
+
+    ``layer_sparsity``: ``layer_idx -> (key_sparsity, value_sparsity)``; ``pads``: left padding per row.
+    """
+
+    def __init__(self, key_sparsity=0.5, value_sparsity=0.5, window=32, chunk=256, layer_sparsity=None, pads=None):
+        super().__init__()
+        self.rule = (window, chunk)
+        self.sparsity = layer_sparsity or (lambda i: (key_sparsity, value_sparsity))
+        self.pads = pads
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        prefill = self.get_seq_length(layer_idx) == 0 and key_states.shape[2] > 1
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if prefill:
+            return keys, values
+        pads = self.pads if self.pads is not None else [0] * keys.shape[0]
+        out = []
+        for tensor, sparsity in zip((keys, values), self.sparsity(layer_idx)):
+            rows = []
+            for row, p in enumerate(pads):
+                n = boundary(keys.shape[2], p, *self.rule)
+                x = tensor[row:row + 1]
+                rows.append(torch.cat([prune_per_token(x[:, :, :n], sparsity), x[:, :, n:]], dim=2))
+            out.append(torch.cat(rows))
+        return tuple(out)
+
+
+def generate(model, ids, cache=None, new=20, **kwargs):
+    """``model.generate`` with exactly ``new`` tokens, greedy unless told, with ``cache`` if given."""
+    extra = {CACHE: cache} if cache is not None else {}
+    kwargs.setdefault("do_sample", False)
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, **extra, **kwargs)
+
+
+@torch.inference_mode()
+def forced_logits(model, cache, ids: torch.Tensor, prefill: int, block: int = 1) -> torch.Tensor:
+    """Logits ``[batch, n - prefill + 1, vocab]`` fp32: a prefill of ``prefill`` tokens, then ``block`` at a time."""
+    logits = [model(ids[:, :prefill], **{CACHE: cache}).logits[:, -1:].float()]
+    for start in range(prefill, ids.shape[1], block):
+        logits.append(model(ids[:, start:start + block], **{CACHE: cache}).logits.float())
+    return torch.cat(logits, dim=1)
