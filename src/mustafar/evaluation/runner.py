@@ -1,173 +1,196 @@
-"""Run the evaluation: every task x context length x sample x sparsity setting.
+"""Run the evaluation: every task x context length x sample x (pruning method, sparsity setting).
 
-Each prompt (retrieval) or text window (perplexity) is prefilled once, densely
-(prefill attention is dense in Mustafar, arXiv 2505.22913); its keys and values
-then go into a fresh cache per setting (:func:`mustafar.generation.fill_cache`),
-and every generated or scored token goes through decode steps that read that
-cache. The KV bytes held and the dense bytes of the same tokens are read from
-the cache after the last step.
+Each prompt (a :class:`~.jobs.Job`) or perplexity text window is prefilled once,
+densely (prefill attention is dense in Mustafar, arXiv 2505.22913); its keys and
+values then go into a fresh cache per (method, setting)
+(:func:`mustafar.generation.fill_cache`), and every generated or scored token goes
+through decode steps that read that cache:
+
+- ``dense``: transformers' ``DynamicCache`` (the baseline, run once whatever the methods);
+- ``per-token``: :class:`mustafar.MustafarCache`, really pruned and compressed;
+- ``output-aware``, ``per-channel``, ``think``: :class:`~.simulate.SimulatedCache`,
+  pruned at the same points, stored dense (``simulated``; saves no memory). Their
+  observation queries are recorded during the prefill (:func:`~.simulate.observe_queries`).
+
+The KV bytes held and the dense bytes of the same tokens are read from the cache
+after the last step. Finished runs go to a :class:`~.results.ResultStore` at once
+and are skipped when found there (resume).
 """
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
 
-import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_positive_int
 from ..config import SparsityConfig
-from ..generation import chat_input_ids, eos_ids, fill_cache, greedy_decode, kv_nbytes, make_cache, prefill
+from ..generation import eos_ids, fill_cache, greedy_decode, kv_nbytes, make_cache, prefill
+from .config import TASKS, EvalConfig
+from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
+from .longbench import LONGBENCH_TASKS
 from .perplexity import score_continuation, text_windows
-from .tasks import DEFAULT_DEPTHS, check_answer, niah_samples, passkey_samples
+from .results import ResultStore, SampleResult
+from .ruler import RULER_TASKS
+from .simulate import SimulatedCache, observe_queries
+from .tasks import niah_samples, passkey_samples
 from .texts import load_text
 
-__all__ = ["EvalConfig", "SampleResult", "run_eval", "TASKS", "RETRIEVAL_TASKS"]
-
-#: Retrieval tasks (accuracy) and the perplexity task.
-RETRIEVAL_TASKS = ("passkey", "niah", "niah-multikey")
-TASKS = RETRIEVAL_TASKS + ("ppl",)
-_ANSWER_DONE = re.compile(r"\d[^\d,]")
+__all__ = ["EvalConfig", "SampleResult", "run_eval", "run_configs", "make_eval_cache", "method_label", "TASKS"]
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate. ``context_lengths`` in tokens; ``samples`` per retrieval task and context length.
-
-    ``ppl_tokens`` continuation tokens are scored in each of ``ppl_windows`` text
-    windows, ``ppl_chunk`` tokens per decode forward; ``num_needles`` needles in
-    ``niah-multikey``; ``max_new_tokens`` per retrieval answer.
-    """
-
-    settings: tuple[SparsityConfig, ...]
-    tasks: tuple[str, ...] = TASKS
-    context_lengths: tuple[int, ...] = (1024, 2048, 4096)
-    samples: int = 10
-    seed: int = 0
-    depths: tuple[float, ...] = DEFAULT_DEPTHS
-    num_needles: int = 4
-    max_new_tokens: int = 12
-    ppl_tokens: int = 256
-    ppl_windows: int = 1
-    ppl_chunk: int = 16
-    text_file: str | None = None
-
-    def __post_init__(self):
-        if not self.settings or not all(isinstance(s, SparsityConfig) for s in self.settings):
-            raise TypeError(f"settings must be a non-empty tuple of SparsityConfig, got {self.settings!r}")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if not self.tasks or unknown:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
-        if not self.context_lengths:
-            raise ValueError("context_lengths must hold at least one length (tokens)")
-        for length in self.context_lengths:
-            check_positive_int("context_lengths", length, minimum=256)
-        for name in ("samples", "max_new_tokens", "ppl_windows", "ppl_chunk", "num_needles"):
-            check_positive_int(name, getattr(self, name))
-        if not 1 <= self.ppl_tokens < min(self.context_lengths):
-            raise ValueError(f"ppl_tokens must be in [1, min(context_lengths)), got {self.ppl_tokens}")
+def run_configs(config: EvalConfig) -> list[SparsityConfig]:
+    """The caches to run: ``dense`` once (if asked), then every method x every sparse setting."""
+    dense = [s for s in config.settings if s.is_dense][:1]
+    sparse = [s for s in config.settings if not s.is_dense]
+    return dense + [SparsityConfig(s.key_sparsity, s.value_sparsity, s.window, s.chunk, method)
+                    for method in config.methods for s in sparse]
 
 
-@dataclass
-class SampleResult:
-    """One (setting, task, context length, sample) run. Bytes are KV bytes over all layers."""
-
-    setting: str
-    task: str
-    context_length: int
-    index: int
-    prompt_tokens: int
-    kv_bytes: int
-    dense_bytes: int
-    seconds: float
-    depth: float | None = None
-    answer: str | None = None
-    output: str | None = None
-    correct: bool | None = None
-    nll: float | None = None
-    scored_tokens: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def method_label(setting: SparsityConfig) -> str:
+    """``dense`` for the dense setting, else the pruning method's name."""
+    return "dense" if setting.is_dense else setting.method
 
 
-def _samples(tokenizer, config: EvalConfig, task: str, length: int):
-    if task == "passkey":
-        return passkey_samples(tokenizer, length, config.samples, config.seed, config.depths)
-    needles = 1 if task == "niah" else config.num_needles
-    return niah_samples(tokenizer, length, config.samples, config.seed, config.depths, num_needles=needles)
+def make_eval_cache(setting: SparsityConfig, queries: dict | None = None):
+    """``DynamicCache`` (dense), ``MustafarCache`` (per-token) or ``SimulatedCache`` (other methods)."""
+    if setting.is_dense or setting.method == "per-token":
+        return make_cache(setting)
+    return SimulatedCache(setting, queries)
 
 
-def _retrieval(model, tokenizer, config: EvalConfig, task: str, length: int, bar) -> list[SampleResult]:
-    results, eos = [], eos_ids(model, tokenizer)
-    for sample in _samples(tokenizer, config, task, length):
-        ids = chat_input_ids(tokenizer, sample.prompt, sample.answer_prefix)
+def _needs_queries(setting: SparsityConfig) -> bool:
+    return setting.method in ("output-aware", "think") and not setting.is_dense
+
+
+def _kv_bytes(cache) -> tuple[int, int]:
+    return (cache.nbytes, cache.dense_nbytes) if isinstance(cache, SimulatedCache) else kv_nbytes(cache)
+
+
+def _key(task: str, setting: SparsityConfig, length: int, index: int, seed: int):
+    return task, setting.name, method_label(setting), length, index, seed
+
+
+def _prefill(model, input_ids, todo: list[SparsityConfig]):
+    """Dense prefill; with the observation queries when a run needs them. Returns (source, logits, queries, s)."""
+    start = time.perf_counter()
+    observing = any(_needs_queries(s) for s in todo)
+    with observe_queries(model, max(1, todo[0].window)) if observing else nullcontext({}) as queries:
+        source, logits = prefill(model, input_ids)
+    return source, logits, queries, time.perf_counter() - start
+
+
+def _run_job(model, tokenizer, job: Job, config: EvalConfig, store: ResultStore, bar) -> None:
+    runs = run_configs(config)
+    todo = [s for s in runs if _key(job.task, s, job.context_length, job.index, config.seed) not in store]
+    bar.update(len(runs) - len(todo))
+    if not todo:
+        return
+    source, logits, queries, prefill_s = _prefill(model, job.input_ids, todo)
+    eos = eos_ids(model, tokenizer)
+    for setting in todo:
+        bar.set_postfix_str(f"{job.task} {job.context_length} #{job.index} {method_label(setting)} {setting.name}")
         start = time.perf_counter()
-        source, logits = prefill(model, ids)
-        prefill_s = time.perf_counter() - start
-        for setting in config.settings:
-            bar.set_postfix_str(f"{task} {length} #{sample.index} {setting.name}")
-            start = time.perf_counter()
-            cache = fill_cache(make_cache(setting), source)
-            tokens = greedy_decode(model, cache, logits, config.max_new_tokens, eos,
-                                   stop=lambda t: _ANSWER_DONE.search(tokenizer.decode(t)) is not None)
-            output = tokenizer.decode(tokens, skip_special_tokens=True)
-            held, dense = kv_nbytes(cache)
-            results.append(SampleResult(
-                setting.name, task, length, sample.index, ids.shape[1], held, dense,
-                time.perf_counter() - start, sample.depth, sample.answer, output, check_answer(output, sample.answer),
-                extra={"prefill_s": prefill_s, "key": sample.key, "needles": len(sample.needles)}))
-            bar.update()
-        del source
-    return results
+        cache = fill_cache(make_eval_cache(setting, queries), source)
+        tokens = greedy_decode(model, cache, logits, job.max_new_tokens, eos,
+                               stop=lambda t: job.done(tokenizer.decode(t, skip_special_tokens=True)))
+        output = tokenizer.decode(tokens, skip_special_tokens=True)
+        held, dense = _kv_bytes(cache)
+        score = job.score(output)
+        store.append(SampleResult(
+            setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], held, dense,
+            time.perf_counter() - start, job.depth, job.references[0], output,
+            bool(score == 1.0) if job.suite != "longbench" else None,
+            extra={"prefill_s": prefill_s, "new_tokens": len(tokens), **job.meta}, method=method_label(setting),
+            simulated=isinstance(cache, SimulatedCache), seed=config.seed, score=score, suite=job.suite,
+            references=list(job.references)))
+        bar.update()
 
 
-def _perplexity(model, token_ids: torch.Tensor, config: EvalConfig, length: int, bar) -> list[SampleResult]:
-    results = []
+def _perplexity(model, token_ids, config: EvalConfig, length: int, store: ResultStore, bar) -> None:
+    runs = run_configs(config)
     for index, window in enumerate(text_windows(token_ids, length, config.ppl_windows)):
-        prefix, continuation = window[:, : length - config.ppl_tokens], window[:, length - config.ppl_tokens :]
-        start = time.perf_counter()
-        source, logits = prefill(model, prefix)
-        prefill_s = time.perf_counter() - start
-        for setting in config.settings:
-            bar.set_postfix_str(f"ppl {length} #{index} {setting.name}")
+        todo = [s for s in runs if _key("ppl", s, length, index, config.seed) not in store]
+        bar.update(len(runs) - len(todo))
+        if not todo:
+            continue
+        prefix, continuation = window[:, : length - config.ppl_tokens], window[:, length - config.ppl_tokens:]
+        source, logits, queries, prefill_s = _prefill(model, prefix, todo)
+        for setting in todo:
+            bar.set_postfix_str(f"ppl {length} #{index} {method_label(setting)} {setting.name}")
             start = time.perf_counter()
-            cache = fill_cache(make_cache(setting), source)
-            score = score_continuation(model, cache, logits, continuation, config.ppl_chunk)
-            held, dense = kv_nbytes(cache)
-            results.append(SampleResult(
+            cache = fill_cache(make_eval_cache(setting, queries), source)
+            result = score_continuation(model, cache, logits, continuation, config.ppl_chunk)
+            held, dense = _kv_bytes(cache)
+            store.append(SampleResult(
                 setting.name, "ppl", length, index, length, held, dense, time.perf_counter() - start,
-                nll=score.nll, scored_tokens=score.tokens, extra={"prefill_s": prefill_s}))
+                nll=result.nll, scored_tokens=result.tokens, extra={"prefill_s": prefill_s},
+                method=method_label(setting), simulated=isinstance(cache, SimulatedCache), seed=config.seed,
+                suite="ppl"))
             bar.update()
-        del source
-    return results
 
 
-def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True) -> list[SampleResult]:
+def _jobs(tokenizer, config: EvalConfig, task: str, length: int, text: str | None) -> list[Job]:
+    cap = config.max_new_tokens_cap
+    if task in RULER_TASKS:
+        return ruler_jobs(tokenizer, task, length, config.samples, config.seed, text, cap)
+    if task in LONGBENCH_TASKS:
+        return longbench_jobs(tokenizer, task, length, config.samples, config.data_dir, config.hub, cap)
+    if task == "passkey":
+        samples = passkey_samples(tokenizer, length, config.samples, config.seed, config.depths)
+    else:
+        needles = 1 if task == "niah" else config.num_needles
+        samples = niah_samples(tokenizer, length, config.samples, config.seed, config.depths, num_needles=needles,
+                               text=text)
+    tokens = config.max_new_tokens if cap is None else min(cap, config.max_new_tokens)
+    return retrieval_jobs(samples, tokenizer, tokens)
+
+
+def _units(config: EvalConfig, token_ids, jobs_per_task: dict) -> int:
+    per_run = sum(len(jobs) for jobs in jobs_per_task.values())
+    if "ppl" in config.tasks:
+        per_run += sum(len(text_windows(token_ids, n, config.ppl_windows)) for n in config.context_lengths)
+    return per_run * len(run_configs(config))
+
+
+def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
+             store: ResultStore | None = None) -> list[SampleResult]:
     """Run ``config`` on ``model``/``tokenizer`` (from :func:`mustafar.load_model`); one result per run.
 
+    ``store``: where finished runs are appended and looked up (resume); default an in-memory store.
+    Returns the results of ``config``'s runs (those found in ``store`` included), in run order.
+
     Raises:
-        ValueError: the perplexity text is shorter than a context length.
+        ValueError: the perplexity text is shorter than a context length, or a task's data are bad.
+        FileNotFoundError: a text file or LongBench file is missing.
     """
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
-    token_ids = None
-    if "ppl" in config.tasks:
-        text = load_text(config.text_file)
-        token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        for length in config.context_lengths:
-            text_windows(token_ids, length, 1)
-    units = sum(config.samples if t != "ppl" else len(text_windows(token_ids, n, config.ppl_windows))
-                for t in config.tasks for n in config.context_lengths)
-    results: list[SampleResult] = []
-    with tqdm(total=units * len(config.settings), desc="mustafar eval", unit="run", disable=not progress) as bar:
+    store = store if store is not None else ResultStore(None)
+    text = load_text(config.text_file) if config.text_file or "ppl" in config.tasks else None
+    token_ids = tokenizer(text, return_tensors="pt").input_ids[0] if "ppl" in config.tasks else None
+    for length in config.context_lengths if token_ids is not None else ():
+        text_windows(token_ids, length, 1)
+    jobs = {(task, n): _jobs(tokenizer, config, task, n, text) for n in config.context_lengths
+            for task in config.tasks if task != "ppl"}
+    with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:
         for length in config.context_lengths:
             for task in config.tasks:
                 if task == "ppl":
-                    results += _perplexity(model, token_ids, config, length, bar)
-                else:
-                    results += _retrieval(model, tokenizer, config, task, length, bar)
-    return results
+                    _perplexity(model, token_ids, config, length, store, bar)
+                    continue
+                for job in jobs[task, length]:
+                    _run_job(model, tokenizer, job, config, store, bar)
+    return _collect(config, store, jobs, token_ids)
+
+
+def _collect(config: EvalConfig, store: ResultStore, jobs: dict, token_ids) -> list[SampleResult]:
+    """The stored results of every run of ``config``, in run order."""
+    def indices(task: str, length: int):
+        if task == "ppl":
+            return range(len(text_windows(token_ids, length, config.ppl_windows)))
+        return [job.index for job in jobs[task, length]]
+
+    keys = [_key(task, setting, length, index, config.seed) for length in config.context_lengths
+            for task in config.tasks for index in indices(task, length) for setting in run_configs(config)]
+    return [store.get(key) for key in keys if key in store]

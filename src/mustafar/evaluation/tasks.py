@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from .texts import sentences
 
-__all__ = ["Sample", "passkey_samples", "niah_samples", "check_answer", "DEFAULT_DEPTHS", "PASSKEY_FILLER"]
+__all__ = ["Sample", "passkey_samples", "niah_samples", "check_answer", "DEFAULT_DEPTHS", "PASSKEY_FILLER",
+           "count_tokens", "take_haystack", "insert_needles", "haystack_budget", "random_number"]
 
 #: Needle depths cycled through by the samples (fraction of the haystack before the needle).
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -73,7 +74,8 @@ def check_answer(output: str, expected: str) -> bool:
     return match is not None and match.group() == expected
 
 
-def _number(rng: random.Random, digits: int) -> str:
+def random_number(rng: random.Random, digits: int) -> str:
+    """A ``digits``-digit decimal number (no leading zero) from ``rng``."""
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
@@ -88,22 +90,27 @@ def _check_args(tokenizer, context_length: int, n: int, depths) -> None:
         raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths!r}")
 
 
-def _count(tokenizer, text: str) -> int:
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of ``text`` without special tokens (the unit of every context length here)."""
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _haystack(pool: list[str], tokenizer, budget: int, rng: random.Random) -> tuple[list[str], list[int]]:
+def take_haystack(pool: list[str], tokenizer, budget: int, rng: random.Random) -> tuple[list[str], list[int]]:
     """Consecutive sentences of ``pool`` from a random start (wrapping) until ``budget`` tokens; and their sizes."""
     start, taken, sizes = rng.randrange(len(pool)), [], []
     while sum(sizes) < budget:
         sentence = pool[(start + len(taken)) % len(pool)]
         taken.append(sentence)
-        sizes.append(_count(tokenizer, " " + sentence))
+        sizes.append(count_tokens(tokenizer, " " + sentence))
     return taken, sizes
 
 
-def _insert(haystack: list[str], sizes: list[int], needles: list[tuple[float, str]]) -> str:
-    """Join ``haystack`` with each needle at the sentence boundary nearest its depth (token fraction), in depth order."""
+def insert_needles(haystack: list[str], sizes: list[int], needles: list[tuple[float, str]], sep: str = " ") -> str:
+    """Join ``haystack`` (units of ``sizes`` tokens) by ``sep``, each needle at the unit boundary nearest its depth.
+
+    ``needles``: ``(depth, text)`` pairs, depth a fraction of the haystack's tokens in [0, 1]; needles at the
+    same boundary keep their depth order.
+    """
     total, bounds, acc = sum(sizes), [0], 0
     for size in sizes:
         acc += size
@@ -117,16 +124,16 @@ def _insert(haystack: list[str], sizes: list[int], needles: list[tuple[float, st
         parts.extend(at.get(i, []))
         if i < len(haystack):
             parts.append(haystack[i])
-    return " ".join(parts)
+    return sep.join(parts)
 
 
-def _budget(tokenizer, context_length: int, frame: str, answer_prefix: str) -> int:
-    """Haystack tokens left once the chat template, instructions and needles (``frame``) and answer are counted."""
-    overhead = _count(tokenizer, frame + "\n" + answer_prefix)
+def haystack_budget(tokenizer, context_length: int, frame: str, answer_prefix: str) -> int:
+    """Haystack tokens left (at least 16) after the chat template, ``frame`` (instructions, needles), answer prefix."""
+    overhead = count_tokens(tokenizer, frame + "\n" + answer_prefix)
     if getattr(tokenizer, "chat_template", None):
         chat = tokenizer.apply_chat_template([{"role": "user", "content": frame}], tokenize=False,
                                              add_generation_prompt=True)
-        overhead = _count(tokenizer, chat + answer_prefix)
+        overhead = count_tokens(tokenizer, chat + answer_prefix)
     return max(16, context_length - overhead)
 
 
@@ -140,12 +147,12 @@ def passkey_samples(tokenizer, context_length: int, n: int, seed: int = 0,
     out = []
     for i in range(n):
         rng = random.Random(f"{seed}:passkey:{context_length}:{i}")
-        key = _number(rng, PASSKEY_DIGITS)
+        key = random_number(rng, PASSKEY_DIGITS)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        budget = _budget(tokenizer, context_length, intro + needle + question, PASSKEY_PREFIX)
-        filler, sizes = _haystack(list(PASSKEY_FILLER), tokenizer, budget, rng)
+        budget = haystack_budget(tokenizer, context_length, intro + needle + question, PASSKEY_PREFIX)
+        filler, sizes = take_haystack(list(PASSKEY_FILLER), tokenizer, budget, rng)
         depth = depths[i % len(depths)]
-        text = _insert(filler, sizes, [(depth, needle)])
+        text = insert_needles(filler, sizes, [(depth, needle)])
         out.append(Sample("passkey", i, intro + text + question, PASSKEY_PREFIX, key, context_length, depth,
                           (needle,)))
     return out
@@ -171,17 +178,17 @@ def niah_samples(tokenizer, context_length: int, n: int, seed: int = 0, depths=D
     for i in range(n):
         rng = random.Random(f"{seed}:{task}:{context_length}:{i}")
         keys = rng.sample(_KEYS, num_needles)
-        values = [_number(rng, NIAH_DIGITS) for _ in keys]
+        values = [random_number(rng, NIAH_DIGITS) for _ in keys]
         needles = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
         intro = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
                  "I will quiz you about the numbers afterwards.\n")
         question = f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? Answer with the number only."
         prefix = f"The special magic number for {keys[0]} mentioned in the provided text is "
-        budget = _budget(tokenizer, context_length, intro + " ".join(needles) + question, prefix)
-        haystack, sizes = _haystack(pool, tokenizer, budget, rng)
+        budget = haystack_budget(tokenizer, context_length, intro + " ".join(needles) + question, prefix)
+        haystack, sizes = take_haystack(pool, tokenizer, budget, rng)
         depth = depths[i % len(depths)]
         others = [depth * (j + 1) / num_needles for j in range(num_needles - 1)]
-        body = _insert(haystack, sizes, [(depth, needles[0])] + list(zip(others, needles[1:])))
+        body = insert_needles(haystack, sizes, [(depth, needles[0])] + list(zip(others, needles[1:])))
         out.append(Sample(task, i, intro + body + question, prefix, values[0], context_length, depth,
                           tuple(needles), keys[0]))
     return out

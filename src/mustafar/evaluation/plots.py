@@ -1,0 +1,83 @@
+"""The evaluation plot: score vs sparsity setting per pruning method, perplexity and KV memory.
+
+One panel per suite present (retrieval, RULER, LongBench: the mean score over the
+suite's tasks), one for perplexity if measured, and one for the KV bytes held
+relative to dense. The x axis lists the settings in order of mean sparsity
+(``dense`` first, where every method's line starts); one line per method and
+context length. Simulated methods are dashed and, holding dense bytes, sit at 100 %
+in the memory panel.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["plot"]
+
+_SUITES = (("retrieval", "retrieval accuracy (%)"), ("ruler", "RULER score (%)"), ("longbench", "LongBench score (%)"))
+_MARKERS = {"dense": "s", "per-token": "o", "output-aware": "^", "per-channel": "v", "think": "D"}
+
+
+def _order(rows: list[dict]) -> list[str]:
+    mean = {r["setting"]: (r["key_sparsity"] + r["value_sparsity"]) / 2 for r in rows}
+    return sorted(mean, key=lambda name: (mean[name], name))
+
+
+def _lines(rows: list[dict]):
+    """``(method, length, [rows])`` per line, each line starting at the dense row of its length."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"] or ["dense"]
+    for length in sorted({r["context_length"] for r in rows}):
+        dense = [r for r in rows if r["method"] == "dense" and r["context_length"] == length]
+        for method in methods:
+            own = [r for r in rows if r["method"] == method and r["context_length"] == length]
+            yield method, length, (dense + own) if method != "dense" else dense
+
+
+def _panels(rows: list[dict]) -> list[tuple[str, str]]:
+    panels = [(suite, label) for suite, label in _SUITES if any(suite in r["suites"] for r in rows)]
+    if any(r["perplexity"] is not None for r in rows):
+        panels.append(("ppl", "perplexity"))
+    return panels + [("memory", "KV bytes held / dense (%)")]
+
+
+def _value(row: dict, panel: str) -> float:
+    if panel == "ppl":
+        return row["perplexity"] if row["perplexity"] is not None else math.nan
+    if panel == "memory":
+        return 100 * row["ratio"]
+    return 100 * row["suites"].get(panel, math.nan)
+
+
+def plot(path: Path, rows: list[dict], title: str = "mustafar eval") -> Path:
+    """Write the PNG at ``path`` (directories created) and return ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order, panels = _order(rows), _panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    lengths = sorted({r["context_length"] for r in rows})
+    for axis, (panel, label) in zip(axes[0], panels):
+        for method, length, line in _lines(rows):
+            line = sorted(line, key=lambda r: order.index(r["setting"]))
+            simulated = any(r["simulated"] for r in line)
+            tag = f"{method}{' (sim.)' if simulated else ''}" + (f" @ {length}" if len(lengths) > 1 else "")
+            axis.plot([order.index(r["setting"]) for r in line], [_value(r, panel) for r in line], label=tag,
+                      marker=_MARKERS.get(method, "o"), linestyle="--" if simulated else "-")
+        axis.set_title(label.split(" (")[0] + " vs sparsity")
+        axis.set_xlabel("setting (ordered by mean sparsity)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.set_xticks(range(len(order)), order, rotation=30)
+        if panel not in ("ppl",):
+            axis.set_ylim(-5, 105)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
