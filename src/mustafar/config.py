@@ -14,7 +14,7 @@ from ._checks import check_positive_int, check_sparsity
 
 __all__ = ["SparsityConfig", "parse_setting", "SETTINGS"]
 
-_NAME = re.compile(r"^K(?P<k>\d*\.?\d+)V(?P<v>\d*\.?\d+)$")
+_NAME = re.compile(r"^K(?P<k>[0-9]*\.?[0-9]+)V(?P<v>[0-9]*\.?[0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,10 @@ class SparsityConfig:
 
         object.__setattr__(self, "key_sparsity", check_sparsity("key_sparsity", self.key_sparsity))
         object.__setattr__(self, "value_sparsity", check_sparsity("value_sparsity", self.value_sparsity))
-        check_positive_int("window", self.window, minimum=0)
-        check_positive_int("chunk", self.chunk)
+        object.__setattr__(self, "window", check_positive_int("window", self.window, minimum=0))
+        object.__setattr__(self, "chunk", check_positive_int("chunk", self.chunk))
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a rule name (str), got {type(self.method).__name__} {self.method!r}")
         get_rule(self.method)
 
     @property

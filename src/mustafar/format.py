@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_head_dim, check_positive_int, check_sparsity, check_tensor
+from ._checks import CACHE_DTYPES, check_head_dim, check_positive_int, check_sparsity, check_tensor
 from .pruning import keep_count
 
 __all__ = ["BitmapKV", "compress", "bytes_per_token", "dense_bytes_per_token", "WORD_BITS"]
@@ -52,13 +52,21 @@ def num_words(head_dim: int) -> int:
 
 
 def bytes_per_token(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes one token of one KV head takes in the format: ``k_keep * itemsize + 8 * ceil(head_dim / 64)``."""
+    """Bytes one token of one KV head takes in the format: ``k_keep * itemsize + 8 * ceil(head_dim / 64)``.
+
+    Raises:
+        TypeError / ValueError: head_dim not an int in [1, 256], a bad sparsity, a dtype other than fp16/bf16/fp32.
+    """
+    head_dim = check_head_dim("head_dim", head_dim)
+    if dtype not in CACHE_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     return keep_count(head_dim, sparsity) * itemsize + 8 * num_words(head_dim)
 
 
 def dense_bytes_per_token(head_dim: int, dtype: torch.dtype = torch.float16) -> int:
     """Bytes one token of one KV head takes dense: ``head_dim * itemsize``."""
+    head_dim = check_head_dim("head_dim", head_dim)
     return head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -109,19 +117,40 @@ class BitmapKV:
         k_keep: entries kept per token, ``head_dim - floor(sparsity * head_dim)``.
     """
 
-    def __init__(self, values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int, sparsity: float):
+    def __init__(self, values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int, sparsity: float,
+                 check_bits: bool = True):
+        """Wrap ``values [b, h, t, k_keep]`` and ``bitmaps [b, h, t, words]`` (int64) as a store of ``t`` tokens.
+
+        With ``check_bits`` (default), every bitmap row must have exactly ``k_keep`` bits set, none at or past
+        ``head_dim`` (one pass over the bitmaps, a host synchronisation on a GPU).
+
+        Raises:
+            TypeError / ValueError: dtypes, shapes, devices or bitmaps that do not form the format.
+        """
         check_tensor("values", values, ndim=4)
         check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
         self.head_dim = check_head_dim("head_dim", head_dim)
         self.sparsity = check_sparsity("sparsity", sparsity)
-        self.k_keep = keep_count(head_dim, self.sparsity)
-        if values.shape[-1] != self.k_keep:
-            raise ValueError(f"values must have last dim k_keep={self.k_keep}, got {tuple(values.shape)}")
-        if bitmaps.shape[:-1] != values.shape[:-1] or bitmaps.shape[-1] != num_words(head_dim):
+        self.k_keep = keep_count(self.head_dim, self.sparsity)
+        if values.shape[-1] != self.k_keep or values.shape[1] < 1:
+            raise ValueError(f"values must be [batch, kv_heads >= 1, tokens, k_keep={self.k_keep}], "
+                             f"got {tuple(values.shape)}")
+        if bitmaps.shape[:-1] != values.shape[:-1] or bitmaps.shape[-1] != num_words(self.head_dim):
             raise ValueError(
-                f"bitmaps must be {tuple(values.shape[:-1]) + (num_words(head_dim),)}, got {tuple(bitmaps.shape)}"
+                f"bitmaps must be {tuple(values.shape[:-1]) + (num_words(self.head_dim),)}, got {tuple(bitmaps.shape)}"
             )
+        if bitmaps.device != values.device:
+            raise ValueError(f"bitmaps must be on the values' device {values.device}, got {bitmaps.device}")
+        if check_bits:
+            self._check_bits(bitmaps)
         self._values, self._bitmaps, self._tokens = values, bitmaps, values.shape[2]
+
+    def _check_bits(self, bitmaps: torch.Tensor) -> None:
+        bits = unpack_bitmaps(bitmaps, bitmaps.shape[-1] * WORD_BITS)
+        counts_ok = bool((bits[..., : self.head_dim].sum(-1) == self.k_keep).all())
+        if not counts_ok or bool(bits[..., self.head_dim :].any()):
+            raise ValueError(f"bitmaps must have exactly k_keep={self.k_keep} bits set per row, all below "
+                             f"head_dim={self.head_dim} (the per-token format); got rows that do not")
 
     @classmethod
     def empty(
@@ -142,7 +171,7 @@ class BitmapKV:
         capacity = _round_up(capacity, CAPACITY_GRANULE)
         values = torch.zeros(batch, kv_heads, capacity, k_keep, dtype=dtype, device=device)
         bitmaps = torch.zeros(batch, kv_heads, capacity, num_words(head_dim), dtype=torch.int64, device=device)
-        store = cls(values, bitmaps, head_dim, sparsity)
+        store = cls(values, bitmaps, head_dim, sparsity, check_bits=False)
         store._tokens = 0
         return store
 
@@ -247,12 +276,16 @@ class BitmapKV:
         """
         check_tensor("values", values, ndim=4, dtypes=(self.dtype,))
         check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
+        if values.device != self.device or bitmaps.device != self.device:
+            raise ValueError(f"values and bitmaps must be on the store's device {self.device}, got "
+                             f"{values.device} and {bitmaps.device}")
         if values.shape[:2] != self._values.shape[:2] or values.shape[-1] != self.k_keep:
             raise ValueError(f"values must be [{self._values.shape[0]}, {self._values.shape[1]}, n, {self.k_keep}], "
                              f"got {tuple(values.shape)}")
         if bitmaps.shape != values.shape[:-1] + (self._bitmaps.shape[-1],):
             raise ValueError(f"bitmaps must be {tuple(values.shape[:-1]) + (self._bitmaps.shape[-1],)}, "
                              f"got {tuple(bitmaps.shape)}")
+        self._check_bits(bitmaps)
         n = values.shape[2]
         self.reserve(self._tokens + n)
         self._values[:, :, self._tokens : self._tokens + n] = values
@@ -261,13 +294,24 @@ class BitmapKV:
 
     def truncate(self, tokens: int) -> None:
         """Keep only the first ``tokens`` tokens (for ``crop``); storage is kept for reuse."""
-        check_positive_int("tokens", tokens, minimum=0)
+        tokens = check_positive_int("tokens", tokens, minimum=0)
         if not 0 <= tokens <= self._tokens:
             raise ValueError(f"tokens must be in [0, {self._tokens}], got {tokens}")
         self._tokens = tokens
 
     def select_batch(self, index: torch.Tensor) -> None:
-        """Keep (and reorder, or repeat) the batch rows in ``index`` (beam search, batch selection)."""
+        """Keep (and reorder, or repeat) the batch rows in ``index`` (beam search, batch selection).
+
+        Raises:
+            TypeError: ``index`` not a 1-d integer tensor. ValueError: empty, or (a CPU index) out of range.
+        """
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"index must be a 1-d int32/int64 tensor of batch rows, got "
+                            f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+        batch = self._values.shape[0]
+        if index.numel() == 0 or (index.device.type == "cpu" and not bool(((index >= 0) & (index < batch)).all())):
+            raise ValueError(f"index must select at least one of the {batch} batch rows, in [0, {batch}), "
+                             f"got {index.tolist() if index.numel() <= 16 else tuple(index.shape)}")
         index = index.to(self.device)
         self._values = self._values.index_select(0, index)
         self._bitmaps = self._bitmaps.index_select(0, index)
@@ -277,6 +321,8 @@ class BitmapKV:
         b, h = self._values.shape[:2]
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the store's dtype {self.dtype}, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"x must be on the store's device {self.device}, got {x.device}")
         if x.shape[0] != b or x.shape[1] != h or x.shape[3] != self.head_dim:
             raise ValueError(f"x must be [{b}, {h}, n, {self.head_dim}], got {tuple(x.shape)}")
 

@@ -10,13 +10,13 @@ for CUDA tensors, and the reference otherwise.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from ._checks import check_tensor
-from .format import BitmapKV
+from ._checks import check_head_dim, check_positive_int, check_scale, check_tensor
+from .format import BitmapKV, num_words
+from .pruning import keep_count
 from .reference import compress_reference, decode_attention_reference
 
 __all__ = ["sparse_decode_attention", "compress_into", "BACKENDS", "available_backends"]
@@ -61,8 +61,15 @@ def compress_into(
 ) -> None:
     """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place.
 
-    Backends as for :func:`sparse_decode_attention`; all give identical bits.
+    ``values``: ``[b, h, capacity, k_keep]`` of ``x``'s dtype and ``bitmaps``: ``[b, h, capacity, ceil(d/64)]``
+    int64 (a store's :attr:`~mustafar.format.BitmapKV.storage`), rows contiguous, on ``x``'s device;
+    ``0 <= offset`` and ``offset + n <= capacity``. Backends as for :func:`sparse_decode_attention`; all give
+    identical bits.
+
+    Raises:
+        TypeError / ValueError: any of the above not met.
     """
+    _check_compress_inputs(x, sparsity, values, bitmaps, offset)
     n = x.shape[2]
     out_values, out_bitmaps = values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n]
     chosen = _resolve_backend(backend, x.device)
@@ -83,6 +90,26 @@ def compress_into(
         compress_triton(x, sparsity, out_values, out_bitmaps)
         return
     out_values[...], out_bitmaps[...] = compress_reference(x, sparsity)
+
+
+def _check_compress_inputs(x, sparsity, values, bitmaps, offset) -> None:
+    check_tensor("x", x, ndim=4)
+    b, h, n, d = x.shape
+    check_head_dim("x", d)
+    k_keep = keep_count(d, sparsity)
+    check_tensor("values", values, ndim=4, dtypes=(x.dtype,))
+    check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
+    if values.shape[:2] != (b, h) or values.shape[3] != k_keep or bitmaps.shape != values.shape[:3] + (
+            num_words(d),):
+        raise ValueError(f"values must be [{b}, {h}, capacity, {k_keep}] and bitmaps [{b}, {h}, capacity, "
+                         f"{num_words(d)}], got {tuple(values.shape)} and {tuple(bitmaps.shape)}")
+    if values.device != x.device or bitmaps.device != x.device:
+        raise ValueError(f"values and bitmaps must be on x's device {x.device}, got {values.device}, {bitmaps.device}")
+    if values.stride(-1) != 1 or bitmaps.stride(-1) != 1:
+        raise ValueError("values and bitmaps must have contiguous rows (last stride 1)")
+    offset = check_positive_int("offset", offset, minimum=0)
+    if offset + n > values.shape[2]:
+        raise ValueError(f"offset + tokens must fit the capacity {values.shape[2]}, got offset {offset} + {n} tokens")
 
 
 def _check_attention_inputs(query, key_cache, value_cache, key_window, value_window, attention_mask) -> None:
@@ -165,9 +192,9 @@ def sparse_decode_attention(
     pruned cache; this is its decode step in flash-decoding form.
     """
     _check_attention_inputs(query, key_cache, value_cache, key_window, value_window, attention_mask)
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale}")
+    scale = query.shape[-1] ** -0.5 if scale is None else check_scale(scale)
+    if query.shape[0] == 0:  # an empty batch: nothing to attend
+        return torch.empty_like(query)
     chosen = _resolve_backend(backend, query.device)
     if chosen in ("cuda", "triton") and backend != "triton":
         from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._checks import check_head_dim, check_sparsity, check_tensor
+from ._checks import check_head_dim, check_positive_int, check_sparsity, check_tensor
 
 __all__ = [
     "PruningRule",
@@ -51,10 +51,15 @@ __all__ = [
 def keep_count(size: int, sparsity: float) -> int:
     """Number of entries kept out of ``size`` at ``sparsity``: ``size - floor(sparsity * size)``.
 
-    ``sparsity`` is the fraction zeroed, in [0, 1). The product is rounded to 9
-    decimals before the floor so that, e.g., ``0.7 * 10`` counts as 7; a non-empty
-    row always keeps at least one entry (``sparsity < 1``), however close to 1.
+    ``sparsity`` is the fraction zeroed, in [0, 1) (a value within float32 round-off
+    of a 6-decimal number, such as 0.699999988, counts as that number). The product
+    is rounded to 9 decimals before the floor so that, e.g., ``0.7 * 10`` counts as 7;
+    a non-empty row always keeps at least one entry (``sparsity < 1``), however close to 1.
+
+    Raises:
+        TypeError / ValueError: ``size`` not an int >= 0, or a bad ``sparsity``.
     """
+    size = check_positive_int("size", size, minimum=0)
     sparsity = check_sparsity("sparsity", sparsity)
     return size - min(math.floor(round(sparsity * size, 9)), max(size - 1, 0))
 
@@ -119,7 +124,9 @@ def _check_queries(queries: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(
             f"queries must be [batch={x.shape[0]}, q_heads, q_len, head_dim={x.shape[-1]}], got {tuple(queries.shape)}"
         )
-    if queries.shape[1] % x.shape[1] != 0:
+    if queries.shape[2] < 1:
+        raise ValueError(f"queries must hold at least one query token (q_len >= 1), got {tuple(queries.shape)}")
+    if x.shape[1] == 0 or queries.shape[1] % x.shape[1] != 0:
         raise ValueError(f"queries' head count must be a multiple of kv_heads={x.shape[1]}, got {queries.shape[1]}")
 
 

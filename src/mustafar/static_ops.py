@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_scale, check_tensor
 from .format import BitmapKV, expand
 from .ops import UnsupportedHardwareError, _resolve_backend
 from .reference import compress_reference, decode_attention_reference
@@ -70,7 +70,7 @@ def static_decode_attention(
         ValueError / TypeError: shapes, dtypes or ``length`` not as above.
     """
     _check_static(query, key_store, key_ring, length)
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = query.shape[-1] ** -0.5 if scale is None else check_scale(scale)
     if _resolve_backend(backend, query.device) != "torch":
         from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
 

@@ -528,7 +528,7 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
   const int b = bh / kv_heads, h = bh % kv_heads;
   const int head = h * group + r / q_len, qi = r % q_len;
   T* dst = out + b * o_sb + head * o_sh + qi * o_sl + 4 * quad;
-  const float inv = acc.l > 0.f ? 1.f / acc.l : 0.f;
+  const float inv = acc.l == 0.f ? 0.f : 1.f / acc.l;  // fully masked rows give 0; a NaN input stays NaN
   dst[0] = from_float<T>(acc.o.x * inv);
   dst[1] = from_float<T>(acc.o.y * inv);
   dst[2] = from_float<T>(acc.o.z * inv);

@@ -78,7 +78,9 @@ def _mask_bias(MASK, mask_base, columns, col_ok, row_ok, MASK_MODE: tl.constexpr
         keep = tl.load(ptr, mask=ok, other=1)
         return tl.where(keep != 0, 0.0, float("-inf"))
     else:
-        return tl.load(ptr, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        # Clamp before the change of base: finfo(fp32).min * log2(e) would overflow to -inf, and a row masked
+        # that way must give SDPA's uniform softmax, not zeros.
+        return tl.maximum(tl.load(ptr, mask=ok, other=0.0).to(tl.float32), -2.0e38) * 1.4426950408889634
 
 
 @triton.jit
@@ -226,7 +228,7 @@ def merge_splits_kernel(
         l_run = l_run * alpha + tl.sum(l_s * w, axis=0)
         acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
         m_run = m_new
-    out = tl.where(l_run > 0, acc / l_run, 0.0)
+    out = tl.where(l_run == 0, 0.0, acc / l_run)  # fully masked rows give 0; a NaN input stays NaN
     head = h * group + r // q_len
     o_ptr = O + b * stride_ob + head * stride_oh + (r % q_len) * stride_ol + dims
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=dims < D)

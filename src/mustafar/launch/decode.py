@@ -28,6 +28,11 @@ def choose_splits(batch_heads: int, tokens: int, device: torch.device, block_n: 
     return max(1, min(blocks, wanted))
 
 
+def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` itself if its last dimension is contiguous, else a contiguous copy."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -51,7 +56,14 @@ def decode_attention_triton(
     attention_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch the sparse decode kernel and the split merge (inputs checked by ``sparse_decode_attention``)."""
+    """Launch the sparse decode kernel and the split merge (inputs checked by ``sparse_decode_attention``).
+
+    The kernel indexes the last dimension of every operand with stride 1: operands whose rows are not
+    contiguous are copied first (O(their size); the cache's own tensors never are).
+    """
+    query, key_window, value_window = (_rows(t) for t in (query, key_window, value_window))
+    key_values, key_bits = _rows(key_cache.values), _rows(key_cache.bitmaps)
+    value_values, value_bits = _rows(value_cache.values), _rows(value_cache.bitmaps)
     b, hq, lq, d = query.shape
     hkv, n_comp = key_cache.shape[1], key_cache.tokens
     group = hq // hkv
@@ -68,12 +80,12 @@ def decode_attention_triton(
     kw = query if key_window is None else key_window
     vw = query if value_window is None else value_window
     mask, mask_strides, mask_mode = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
-    kbits = key_cache.bitmaps.view(torch.int32)
-    vbits = value_cache.bitmaps.view(torch.int32)
+    kbits = key_bits.view(torch.int32)
+    vbits = value_bits.view(torch.int32)
     sparse_decode_kernel[(parts, b * hkv)](
         query, *_strides(query),
-        key_cache.values, *_strides(key_cache.values), kbits, *_strides(kbits),
-        value_cache.values, *_strides(value_cache.values), vbits, *_strides(vbits),
+        key_values, *_strides(key_values), kbits, *_strides(kbits),
+        value_values, *_strides(value_values), vbits, *_strides(vbits),
         kw, *_strides(kw), vw, *_strides(vw),
         query if mask is None else mask, *mask_strides,
         partial, m_part, l_part,
