@@ -118,9 +118,35 @@ def build_model(shape: str = "llama3-8b", layers: int | None = None, dtype: torc
 
     config = build_config(shape, layers)
     torch_dtype = resolve_dtype(dtype)
+    _check_weights_fit(config, torch_dtype, torch.device(device))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch_dtype)
     return model.eval()
+
+
+def _check_weights_fit(config, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a model whose random weights would not fit the device (instead of an out-of-memory kill).
+
+    Raises:
+        MemoryError: the weights (counted on the meta device) exceed the memory available.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    needed = params * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            import psutil
+        except ImportError:
+            return
+        available = psutil.virtual_memory().available
+    if needed > available:
+        raise MemoryError(f"the {params / 1e9:.2f} B-parameter model needs {needed / 2**30:.1f} GiB of weights in "
+                          f"{dtype} but {device.type} has {available / 2**30:.1f} GiB available: use a smaller --shape "
+                          f"or --layers, or a CUDA machine")
 
 
 def model_dims(config) -> dict:

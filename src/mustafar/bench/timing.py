@@ -89,9 +89,13 @@ class Clock:
         return torch.cuda.memory_allocated(self.device) if self.cuda else None
 
     def free_bytes(self) -> int | None:
-        """Bytes free on the device after emptying the allocator's cache; ``None`` on a CPU (unknown)."""
+        """Bytes free on the device after emptying the allocator's cache; on a CPU the available RAM (psutil)."""
         if not self.cuda:
-            return None
+            try:
+                import psutil
+            except ImportError:
+                return None
+            return psutil.virtual_memory().available
         self.fresh()
         return torch.cuda.mem_get_info(self.device)[0]
 
