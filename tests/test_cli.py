@@ -110,7 +110,7 @@ def test_eval_text_file_and_subset(model_dir, tmp_path):
 @pytest.mark.parametrize("args, code", [
     (["--settings", "K2V0.5"], 2), (["--settings", "sparse"], 2), (["--tasks", "passkey,trivia"], 2),
     (["--context-lengths", "2k"], 2), (["--context-lengths", "100"], 2), (["--samples", "0"], 2),
-    (["--model", "/no/such/model"], 1), (["--text-file", "/no/such/file.txt", "--tasks", "ppl"], 1),
+    (["--model", "/no/such/model"], 1), (["--text-file", "/no/such/file.txt", "--tasks", "ppl"], 2),
 ])
 def test_eval_bad_arguments(model_dir, tmp_path, args, code):
     base = ["eval", "--model", model_dir, "--out", str(tmp_path), "--no-progress"]

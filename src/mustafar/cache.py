@@ -39,16 +39,17 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache
 
+from . import ops
 from ._checks import check_sparsity
-from .cache_layer import NO_OFFLOADING, MustafarLayer
+from .cache_layer import NO_OFFLOADING, MustafarLayer, check_batch_index
 from .config import SparsityConfig
 from .model_support import check_model_config
-from .ops import BACKENDS
 
 __all__ = ["LayerSparsity", "MustafarCache", "MustafarLayer"]
 
@@ -77,6 +78,8 @@ class MustafarCache(Cache):
     Raises:
         TypeError / ValueError: an argument of the wrong type or out of range, or a
             model the cache cannot serve.
+        mustafar.ops.UnsupportedHardwareError: ``backend`` ``"triton"`` or ``"cuda"`` where it cannot
+            run (:func:`mustafar.ops.available_backends`).
     """
 
     is_compileable = False
@@ -95,7 +98,7 @@ class MustafarCache(Cache):
         if isinstance(key_sparsity, SparsityConfig):
             raise TypeError("key_sparsity must be a float; for a SparsityConfig use MustafarCache.from_config(config)")
         self.config = SparsityConfig(key_sparsity, value_sparsity, window, chunk)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.layer_sparsity = _check_layer_sparsity(layer_sparsity)
         if config is not None:
             layers = check_model_config(config)
@@ -140,10 +143,13 @@ class MustafarCache(Cache):
         """Append new tokens to layer ``layer_idx`` (creating layers as needed); see :meth:`MustafarLayer.update`.
 
         Raises:
+            TypeError / ValueError: ``layer_idx`` not an int >= 0; states that do not match each other or
+                the cached ones (shape, dtype, device; see :meth:`MustafarLayer.update`).
             NotImplementedError: ``offloading`` was switched on.
         """
         if self.offloading:
             raise NotImplementedError(NO_OFFLOADING)
+        layer_idx = check_layer_idx(layer_idx)
         while len(self.layers) <= layer_idx:
             ks, vs = self.sparsity_of(len(self.layers))
             c = self.config
@@ -173,6 +179,33 @@ class MustafarCache(Cache):
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep (reorder, repeat) the batch rows ``beam_idx`` of every layer (beam search).
+
+        ``beam_idx``: a 1-d integer tensor (or list) of rows in ``[0, batch)``, not empty; a bool mask is
+        refused (use :meth:`batch_select_indices`). Checked once, before any layer changes.
+
+        Raises:
+            TypeError / ValueError: see :func:`mustafar.cache_layer.check_batch_index`.
+        """
+        self._select_rows("beam_idx", beam_idx, masks=False)
+
+    def batch_select_indices(self, indices: torch.Tensor | list) -> None:
+        """Keep only the batch rows ``indices`` (integer rows in ``[0, batch)`` or a bool mask of ``batch``).
+
+        Raises:
+            TypeError / ValueError: see :func:`mustafar.cache_layer.check_batch_index`.
+        """
+        self._select_rows("indices", indices, masks=True)
+
+    def _select_rows(self, name: str, index: object, masks: bool) -> None:
+        held = [layer for layer in self.layers if layer.is_initialized]
+        if not held:
+            return
+        index = check_batch_index(name, index, held[0].keys.shape[0], masks=masks)
+        for layer in held:
+            layer.select_rows(index)
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
         """``-1``: no maximum length."""
         return -1
@@ -191,9 +224,35 @@ class MustafarCache(Cache):
     )
 
 
-def _check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def check_layer_idx(layer_idx: object) -> int:
+    """``layer_idx`` as an int after checking it is a non-negative integer (not a bool or a float)."""
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
+        raise TypeError(f"layer_idx must be an int >= 0 (the model layer), got {type(layer_idx).__name__} "
+                        f"{layer_idx!r}")
+    if layer_idx < 0:
+        raise ValueError(f"layer_idx must be an int >= 0 (the model layer), got {layer_idx}")
+    return int(layer_idx)
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` after checking it is one of :data:`mustafar.ops.BACKENDS` and can run on this machine.
+
+    Raises:
+        ValueError: an unknown backend.
+        mustafar.ops.UnsupportedHardwareError: ``"triton"`` or ``"cuda"`` not in
+            :func:`mustafar.ops.available_backends`.
+    """
+    if not isinstance(backend, str) or backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if backend in ("triton", "cuda"):
+        available = ops.available_backends()
+        if backend not in available:
+            needs = ("the triton package and a CUDA device (or TRITON_INTERPRET=1)" if backend == "triton"
+                     else "a CUDA device of compute capability >= 8.0")
+            raise ops.UnsupportedHardwareError(
+                f"backend={backend!r} cannot run on this machine: it needs {needs}; available here: {available} "
+                "(or 'auto', which picks the fastest of them)"
+            )
     return backend
 
 

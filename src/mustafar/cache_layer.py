@@ -22,6 +22,11 @@ change that:
 - **crop** removes tokens only where the result is a state the rule allows (no
   token pruned that the rule keeps dense); otherwise ``ValueError``, since pruned
   entries cannot be restored.
+- **chunked prefill of a padded batch**: a row whose tokens so far are all padding
+  (its first chunks hold only padding) keeps counting the leading padding of the
+  next updates (read from their masks), and its first update of several tokens
+  with real ones is attended dense, like that prompt's prefill alone; the
+  eviction waits for the next update. Only such updates read the mask on the host.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .format import BitmapKV
 from .model_support import check_reader
 from .ops import BACKENDS, sparse_decode_attention
 
-__all__ = ["NO_OFFLOADING", "MustafarLayer"]
+__all__ = ["NO_OFFLOADING", "MustafarLayer", "check_batch_index"]
 
 #: Message of the ``NotImplementedError`` raised for offloading.
 NO_OFFLOADING = ("MustafarCache does not support offloading (Cache(offloading=True)); its compressed store already "
@@ -53,7 +58,8 @@ class MustafarLayer(CacheLayerMixin):
         keys, values: the local window, ``[batch, kv_heads, w, head_dim]``, the cache dtype.
         key_store, value_store: :class:`BitmapKV` of the older tokens (``None`` before the first update).
         key_sparsity, value_sparsity: fraction of each Key / Value vector zeroed in the store, in [0, 1).
-        pads: left-padding tokens per batch row (read from the prefill's attention mask).
+        pads: left-padding tokens per batch row (read from the prefill's attention mask, and from later
+            updates' masks while a row holds only padding).
         record_past: keep the last update's tokens dense so that ``crop`` can remove them exactly.
         window, chunk, backend: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
     """
@@ -76,6 +82,7 @@ class MustafarLayer(CacheLayerMixin):
         self.value_store: BitmapKV | None = None
         self.pads: list[int] = []
         self._unconsumed = self._pending = False
+        self._padding_from: int | None = None  # set by an update after which a row may still be all padding
         self._reader: int | None = None
 
     def __repr__(self) -> str:
@@ -102,8 +109,9 @@ class MustafarLayer(CacheLayerMixin):
         window, new tokens included, and the attention reads the store besides.
 
         Raises:
-            ValueError: the previous output was not read by the ``"mustafar"`` attention implementation,
-                or the states do not match the cached ones (shape, dtype, K and V head_dim).
+            ValueError: the previous output was not read by the ``"mustafar"`` attention implementation;
+                ``value_states`` unlike ``key_states`` (shape, dtype, device); states unlike the cached
+                tokens (batch, kv_heads, head_dim, dtype, device); an empty batch.
         """
         if self._unconsumed:
             raise ValueError(
@@ -120,7 +128,9 @@ class MustafarLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self._pending = old == 0 and n > 1  # the prefill: evicted after its attention has read the padding
-        if not self._pending:
+        # a row holding only padding so far (pads never exceed the tokens held): its pads may go on in this update
+        self._padding_from = old if old and max(self.pads) == old else None
+        if not self._pending and self._padding_from is None:
             self._evict(old if self.record_past else old + n)
         dense = self._pending or (self.stored_tokens == 0 and self._nothing_pruned(old + n))
         link_tensor(self.keys, Link(self, dense))
@@ -140,6 +150,7 @@ class MustafarLayer(CacheLayerMixin):
         self.keys, self.values = self.keys[:, :, moved:].clone(), self.values[:, :, moved:].clone()
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Python-level checks only (shapes, dtypes, devices): no host synchronisation on the decode path."""
         for name, new in (("key_states", key_states), ("value_states", value_states)):
             if not isinstance(new, torch.Tensor) or new.dim() != 4:
                 raise ValueError(
@@ -152,14 +163,29 @@ class MustafarLayer(CacheLayerMixin):
                 f"{value_states.shape[-1]} (models that cache latents of other sizes, e.g. DeepSeek V2/V3 multi-head "
                 "latent attention, are not supported)"
             )
-        old = self.keys if self.is_initialized else None
-        for name, new in (("key_states", key_states), ("value_states", value_states)):
-            if old is not None and (new.shape[:2] != old.shape[:2] or new.shape[3:] != old.shape[3:]
-                                    or new.dtype != old.dtype):
-                raise ValueError(
-                    f"{name} must be [{old.shape[0]}, {old.shape[1]}, n, {old.shape[3]}] {old.dtype} like the cached "
-                    f"tokens (call cache.reset() for a new batch), got {tuple(new.shape)} {new.dtype}"
-                )
+        if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype \
+                or value_states.device != key_states.device:
+            raise ValueError(
+                f"value_states must match key_states [batch, kv_heads, n, head_dim] {tuple(key_states.shape)} "
+                f"{key_states.dtype} on {key_states.device}, got {tuple(value_states.shape)} {value_states.dtype} "
+                f"on {value_states.device}"
+            )
+        if key_states.shape[0] == 0:
+            raise ValueError(f"key_states must hold at least one batch row, got {tuple(key_states.shape)}")
+        if not self.is_initialized:
+            return
+        old = self.keys
+        if key_states.shape[:2] != old.shape[:2] or key_states.shape[3] != old.shape[3] \
+                or key_states.dtype != old.dtype:
+            raise ValueError(
+                f"key_states must be [{old.shape[0]}, {old.shape[1]}, n, {old.shape[3]}] {old.dtype} like the cached "
+                f"tokens (call cache.reset() for a new batch), got {tuple(key_states.shape)} {key_states.dtype}"
+            )
+        if key_states.device != self.device:
+            raise ValueError(
+                f"key_states and value_states must be on the device of MustafarCache layer {self.layer_idx}, "
+                f"{self.device}, got {key_states.device} (move them, or call cache.reset() to start over there)"
+            )
 
     def consume(self, module=None, attention_mask: torch.Tensor | None = None) -> None:
         """Mark the output of the last :meth:`update` as read by the ``"mustafar"`` attention.
@@ -177,6 +203,10 @@ class MustafarLayer(CacheLayerMixin):
             self.pads = pads_from_mask(attention_mask, self.keys.shape[0], self.keys.shape[2])
             self._pending = False
             self._evict(0 if self.record_past else self.get_seq_length())
+        elif self._padding_from is not None and attention_mask is not None:
+            old, n = self._padding_from, self.get_seq_length() - self._padding_from
+            more = pads_from_mask(attention_mask[..., old:], len(self.pads), n)
+            self.pads = [p + m if p == old else p for p, m in zip(self.pads, more)]
         self._unconsumed = False
 
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
@@ -187,6 +217,9 @@ class MustafarLayer(CacheLayerMixin):
         """
         total, stored = self.get_seq_length(), self.stored_tokens
         lags = [max(0, b - stored) for b in boundaries(total, self.pads, self.window, self.chunk)]
+        if self._padding_from is not None and total - self._padding_from > 1:
+            # a row that held only padding before this update: its first real tokens are its prefill, dense
+            lags = [0 if p >= self._padding_from else lag for p, lag in zip(self.pads, lags)]
         key = prune_rows_prefix(key, lags, self.key_sparsity)
         value = prune_rows_prefix(value, lags, self.value_sparsity)
         window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
@@ -228,7 +261,7 @@ class MustafarLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop every token and the reader; the next update starts a new sequence (any batch size)."""
         self.keys = self.values = self.key_store = self.value_store = None
-        self.pads, self._reader = [], None
+        self.pads, self._reader, self._padding_from = [], None, None
         self.is_initialized = self._unconsumed = self._pending = False
 
     def offload(self) -> None:
@@ -275,11 +308,27 @@ class MustafarLayer(CacheLayerMixin):
         self.keys, self.values = self.keys[:, :, : max(0, keep - stored)], self.values[:, :, : max(0, keep - stored)]
         self.pads = [min(p, keep) for p in self.pads]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep (reorder, repeat) the batch rows ``beam_idx`` (beam search)."""
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep (reorder, repeat) the batch rows ``beam_idx`` (beam search): see :func:`check_batch_index`."""
+        if self.is_initialized:
+            self.select_rows(check_batch_index("beam_idx", beam_idx, self.keys.shape[0]))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` (an int >= 1) times in place (``torch.repeat_interleave`` order)."""
+        repeats = check_positive_int("repeats", repeats)
+        if self.is_initialized:
+            self.select_rows(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor | list) -> None:
+        """Keep only the batch rows ``indices`` (integer indices or a bool mask): see :func:`check_batch_index`."""
+        if self.is_initialized:
+            self.select_rows(check_batch_index("indices", indices, self.keys.shape[0], masks=True))
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index``, a 1-d integer tensor already checked by :func:`check_batch_index`."""
         if not self.is_initialized:
             return
-        index = beam_idx.to(device=self.device, dtype=torch.long)
+        index = index.to(device=self.device, dtype=torch.long)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.key_store.select_batch(index)
         self.value_store.select_batch(index)
@@ -288,15 +337,43 @@ class MustafarLayer(CacheLayerMixin):
         else:
             self.pads = [self.pads[i] for i in index.tolist()]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every batch row ``repeats`` times in place (``torch.repeat_interleave`` order)."""
-        if self.is_initialized:
-            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows ``indices`` (an index or bool tensor, or a list)."""
-        if self.is_initialized:
-            self.reorder_cache(torch.arange(self.keys.shape[0], device=self.device)[indices])
+def check_batch_index(name: str, index: object, batch: int, masks: bool = False) -> torch.Tensor:
+    """``index`` as a 1-d integer tensor of rows of a batch of ``batch`` rows.
+
+    ``index``: a 1-d integer tensor (or a list of ints) of rows in ``[0, batch)``, repeats allowed;
+    with ``masks``, also a 1-d bool mask of ``batch`` entries. Values are checked only on the CPU
+    (a CUDA index is checked for its dtype and rank, so that no host synchronisation happens).
+
+    Raises:
+        TypeError: not a tensor or list; a float tensor; a bool tensor where ``masks`` is False.
+        ValueError: not 1-d; no row selected; a CPU index outside ``[0, batch)``; a mask of another length.
+    """
+    kind = "a 1-d integer tensor of batch rows" + (" or a 1-d bool mask" if masks else "")
+    if isinstance(index, (list, tuple)):
+        try:
+            index = torch.tensor(index, dtype=torch.long if len(index) == 0 else None)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be {kind}, got {type(index).__name__} {index!r}") from error
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be {kind}, got {type(index).__name__} {index!r}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be {kind}, got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        if not masks:
+            raise TypeError(f"{name} must hold integer batch row indices, got a bool tensor (a mask: use "
+                            "cache.batch_select_indices(mask) to keep the rows where it is True)")
+        if index.numel() != batch:
+            raise ValueError(f"{name}, a bool mask, must have one entry per batch row ({batch}), got {index.numel()}")
+        index = index.nonzero().squeeze(1)
+    elif index.is_floating_point() or index.is_complex():
+        raise TypeError(f"{name} must hold integer batch row indices, got dtype {index.dtype}")
+    if index.numel() == 0:
+        raise ValueError(f"{name} must select at least one of the {batch} batch rows, got none")
+    if index.device.type == "cpu" and (int(index.min()) < 0 or int(index.max()) >= batch):
+        shown = index.tolist() if index.numel() <= 16 else f"values in [{int(index.min())}, {int(index.max())}]"
+        raise ValueError(f"{name} must hold batch rows in [0, {batch}), got {shown}")
+    return index
 
 
 def _held_bytes(tensor: torch.Tensor) -> int:

@@ -47,22 +47,37 @@ ChunkOption = typer.Option(256, min=1, help="Tokens moved from the window to the
 
 def _load(model: str | None, dtype: str, device: str):
     from .models import load_model
+    from .ops import UnsupportedHardwareError
 
     try:
         return load_model(model, dtype=dtype, device=device)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, UnsupportedHardwareError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse a bad ``--device`` (exit code 2) before anything slow runs."""
+    from .models import check_device
+    from .ops import UnsupportedHardwareError
+
+    if device is None:
+        return
+    try:
+        check_device(device)
+    except (TypeError, ValueError, UnsupportedHardwareError) as error:
+        raise typer.BadParameter(str(error), param_hint="'--device'") from error
+
+
 def _split(text: str, name: str, convert=str) -> list:
+    """The comma-separated items of ``text``, converted, duplicates dropped (order kept); an empty list: exit 2."""
     try:
         items = [convert(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError as error:
         raise typer.BadParameter(f"{name} must be a comma-separated list, got {text!r} ({error})") from error
     if not items:
         raise typer.BadParameter(f"{name} must not be empty, got {text!r}")
-    return items
+    return list(dict.fromkeys(items))
 
 
 @app.command()
@@ -89,6 +104,7 @@ def generate(
         config = SparsityConfig(k_sparsity, v_sparsity, window, chunk)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
+    _check_device(device)
     lm, tokenizer = _load(model, dtype, device)
     ids = chat_input_ids(tokenizer, prompt).to(lm.device)
     cache = make_cache(config)
@@ -158,8 +174,10 @@ def evaluate(
 
     config = _eval_config(settings, tasks, context_lengths, samples, quick, methods=methods, seed=seed,
                           ppl_tokens=ppl_tokens, ppl_chunk=ppl_chunk, window=window, chunk=chunk,
-                          text_file=str(text_file) if text_file else None, max_new_tokens_cap=max_new_tokens,
-                          data_dir=str(data_dir) if data_dir else None, hub=hub)
+                          text_file=str(text_file) if text_file is not None else None,
+                          max_new_tokens_cap=max_new_tokens, data_dir=str(data_dir) if data_dir else None, hub=hub)
+    _check_device(device)
+    _check_text(model, config)
     start = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm, tokenizer = _load(model, dtype, device)
@@ -176,6 +194,25 @@ def evaluate(
             "runtime_s": time.perf_counter() - start, "model_load_s": load_s, "model": info,
             "resumed_results": min(done_before, len(results))}
     _report(out, results, config, meta)
+
+
+def _check_text(model: str | None, config) -> None:
+    """Check the text file and the context lengths against it before loading the model (bad: exit code 2)."""
+    from .evaluation.runner import prepare_text
+    from .models import load_tokenizer
+
+    if config.text_file is None and "ppl" not in config.tasks:
+        return
+    try:
+        tokenizer = load_tokenizer(model) if "ppl" in config.tasks else None
+    except (OSError, ValueError, TypeError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from error
+    try:
+        prepare_text(config, tokenizer)
+    except (OSError, ValueError) as error:
+        hint = "'--text-file'" if config.text_file is not None else "'--context-lengths'"
+        raise typer.BadParameter(str(error), param_hint=hint) from error
 
 
 def _jsonable(params: dict) -> dict:
@@ -197,17 +234,19 @@ def _eval_config(settings, tasks, context_lengths, samples, quick: bool, window:
     from .evaluation import EvalConfig, expand_tasks
 
     try:
-        names = expand_tasks(_split(tasks or (QUICK if quick else FULL)["tasks"], "tasks"), kwargs["data_dir"],
-                             kwargs["hub"])
+        names = expand_tasks(_split((QUICK if quick else FULL)["tasks"] if tasks is None else tasks, "tasks"),
+                             kwargs["data_dir"], kwargs["hub"])
         preset = dict(QUICK if quick else FULL)
         if quick and any(t not in FULL["tasks"].split(",") for t in names):
             preset.update(QUICK_LONG)
             kwargs["max_new_tokens_cap"] = kwargs["max_new_tokens_cap"] or preset["max_new_tokens"]
+        settings = preset["settings"] if settings is None else settings  # None: not given; "" is refused
+        context_lengths = preset["context_lengths"] if context_lengths is None else context_lengths
         return EvalConfig(
-            settings=tuple(parse_setting(s, window=window, chunk=chunk)
-                           for s in _split(settings or preset["settings"], "settings")),
+            settings=tuple(dict.fromkeys(parse_setting(s, window=window, chunk=chunk)
+                                         for s in _split(settings, "settings"))),
             tasks=names, methods=tuple(_split(methods, "methods")),
-            context_lengths=tuple(_split(context_lengths or preset["context_lengths"], "context_lengths", int)),
+            context_lengths=tuple(_split(context_lengths, "context_lengths", int)),
             samples=samples or preset["samples"], **kwargs)
     except (TypeError, ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
@@ -261,6 +300,9 @@ def bench(
                                   "setting and prompt, instead of the grid."),
     budget_gib: float | None = typer.Option(None, min=0.001, help="Capacity memory budget (GiB, weights included).",
                                             show_default="the device's memory"),
+    capacity_prefill: str = typer.Option("one", help="Capacity probes: 'one' prefills one sequence and repeats its "
+                                         "cache to the batch (the cache bounds the batch), 'batch' prefills the "
+                                         "whole batch (its activations can bound it first); graph mode: always batch."),
     out: Path = typer.Option(Path("mustafar-bench"), help="Directory for bench.json / capacity.json and the plots."),
     device: str | None = typer.Option(None, help="Torch device.", show_default="cuda if available, else cpu"),
     window: int = WindowOption,

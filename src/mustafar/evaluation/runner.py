@@ -31,12 +31,15 @@ from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
 from .longbench import LONGBENCH_TASKS
 from .perplexity import score_continuation, text_windows
 from .results import ResultStore, SampleResult
-from .ruler import RULER_TASKS
+from .ruler import RULER_TASKS, word_pool
 from .simulate import SimulatedCache, observe_queries
 from .tasks import niah_samples, passkey_samples
 from .texts import load_text
 
-__all__ = ["EvalConfig", "SampleResult", "run_eval", "run_configs", "make_eval_cache", "method_label", "TASKS"]
+__all__ = ["EvalConfig", "SampleResult", "run_eval", "run_configs", "make_eval_cache", "method_label", "prepare_text",
+           "TASKS"]
+#: Distinct words a RULER haystack text must hold (:func:`~.ruler.ruler_samples` checks it too).
+_RULER_MIN_WORDS = 100
 
 
 def run_configs(config: EvalConfig) -> list[SparsityConfig]:
@@ -153,6 +156,26 @@ def _units(config: EvalConfig, token_ids, jobs_per_task: dict) -> int:
     return per_run * len(run_configs(config))
 
 
+def prepare_text(config: EvalConfig, tokenizer) -> tuple[str | None, object]:
+    """``(text, token_ids)``: ``config``'s text (``None``: each task's default) and, with ``ppl``, its token ids.
+
+    Checks what needs no model, so that a caller can run it before loading one: the text file, its
+    length in tokens against every context length (``ppl``), its words (RULER tasks).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: ``text_file`` missing or a directory.
+        ValueError: a text too short (characters, or tokens for a context length) or too poor in words.
+    """
+    text = load_text(config.text_file) if config.text_file or "ppl" in config.tasks else None
+    if text is not None and any(t in RULER_TASKS for t in config.tasks) and len(word_pool(text)) < _RULER_MIN_WORDS:
+        raise ValueError(f"text_file must hold at least {_RULER_MIN_WORDS} distinct words for RULER tasks, got "
+                         f"{len(word_pool(text))}")
+    token_ids = tokenizer(text, return_tensors="pt").input_ids[0] if "ppl" in config.tasks else None
+    for length in config.context_lengths if token_ids is not None else ():
+        text_windows(token_ids, length, 1)
+    return text, token_ids
+
+
 def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
              store: ResultStore | None = None) -> list[SampleResult]:
     """Run ``config`` on ``model``/``tokenizer`` (from :func:`mustafar.load_model`); one result per run.
@@ -167,10 +190,7 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
     store = store if store is not None else ResultStore(None)
-    text = load_text(config.text_file) if config.text_file or "ppl" in config.tasks else None
-    token_ids = tokenizer(text, return_tensors="pt").input_ids[0] if "ppl" in config.tasks else None
-    for length in config.context_lengths if token_ids is not None else ():
-        text_windows(token_ids, length, 1)
+    text, token_ids = prepare_text(config, tokenizer)
     jobs = {(task, n): _jobs(tokenizer, config, task, n, text) for n in config.context_lengths
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:

@@ -46,11 +46,14 @@ def load_text(path: str | os.PathLike | None) -> str:
     """The text of ``path`` (UTF-8), or :func:`reference_text` for ``None``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist. ValueError: it holds fewer than 100 characters.
+        FileNotFoundError: ``path`` does not exist. IsADirectoryError: it is a directory.
+        ValueError: it holds fewer than 100 characters.
     """
     if path is None:
         return reference_text()
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise IsADirectoryError(f"text_file must be a UTF-8 text file, got the directory {str(file)!r}")
     if not file.is_file():
         raise FileNotFoundError(f"text_file {str(file)!r} does not exist")
     text = file.read_text(encoding="utf-8", errors="replace")
