@@ -230,3 +230,46 @@ def test_cli_bench(tmp_path):
     assert [(r["setting"], r["status"]) for r in rows] == [("K0.7V0.7", "ok")] and "graph" in result.output
     bad = CliRunner().invoke(app, ["bench", "--batch", "0", "--device", "cpu", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "batches" in bad.output
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_capacity_probe_one_sequence_prefill_repeats_the_cache(model, setting, monkeypatch):
+    """``prefill="one"``: one prefilled sequence, its cache repeated to the batch, then decode at the batch."""
+    from mustafar.bench import capacity
+
+    seen = {}
+    real = capacity.make_cache
+
+    def spy(mode, sparsity, model_, batch, max_tokens, backend="auto"):
+        seen["cache"] = real(mode, sparsity, model_, batch, max_tokens, backend)
+        seen["rows"] = batch
+        return seen["cache"]
+
+    monkeypatch.setattr(capacity, "make_cache", spy)
+    parsed = mustafar.parse_setting(setting, window=8, chunk=16)
+    probe = capacity.make_probe(model, parsed, "generate", 40, 10**12, steps=3, backend="torch", prefill="one")(3)
+    assert probe.fits and probe.batch == 3 and seen["rows"] == 1
+    cache = seen["cache"]
+    assert cache.get_seq_length() == 40 + 3 and cache.layers[0].keys.shape[0] == 3
+    batch_probe = capacity.make_probe(model, parsed, "generate", 40, 10**12, steps=3, backend="torch",
+                                      prefill="batch")(3)
+    assert batch_probe.fits and seen["rows"] == 3
+
+
+def test_capacity_prefill_kind_and_errors():
+    from mustafar.bench.capacity import prefill_kind
+
+    assert prefill_kind("generate", "one") == "one" and prefill_kind("graph", "one") == "batch"
+    with pytest.raises(ValueError, match=r"prefill must be one of \('one', 'batch'\), got 'all'"):
+        prefill_kind("generate", "all")
+    with pytest.raises(ValueError, match="capacity_prefill"):
+        BenchConfig(capacity_prefill="all")
+
+
+def test_predict_bytes_one_sequence_prefill_is_smaller():
+    setting = mustafar.parse_setting("K0.7V0.7", window=32, chunk=256)
+    dims = {"layers": 32, "kv_heads": 8, "q_heads": 32, "head_dim": 128, "hidden": 4096, "intermediate": 14336,
+            "vocab": 128256}
+    whole = predict_bytes(dims, setting, "generate", 16, 32768, 5)
+    one = predict_bytes(dims, setting, "generate", 16, 32768, 5, prefill_batch=1)
+    assert one["kv"] == whole["kv"] and one["prefill"] * 8 < whole["prefill"]

@@ -312,13 +312,14 @@ def bench(
     """Decode speed and memory of dense vs sparse KV caches on a random-weight model (prefill, eager, CUDA graph)."""
     from .bench import QUICK, BenchConfig, run_bench
 
+    _check_device(device)
     lists = {"batches": (batches, int), "prompts": (prompts, int), "settings": (settings, str), "modes": (modes, str)}
     given = {name: tuple(_split(text, name, kind)) for name, (text, kind) in lists.items() if text is not None}
     given.update({k: v for k, v in dict(shape=shape, layers=layers, new_tokens=new_tokens, budget_gib=budget_gib,
                                          device=device).items() if v is not None})
     try:
         config = BenchConfig(**{**(QUICK if quick else {}), **given, "window": window, "chunk": chunk, "seed": seed,
-                                "capacity": capacity})
+                                "capacity": capacity, "capacity_prefill": capacity_prefill})
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     run_bench(config, out=out, log=lambda line: console.print(line, markup=False, highlight=False))

@@ -6,7 +6,15 @@ bisection between the last batch that fit and the first that did not. A probe
 cache emptied, peak counter reset), caps the caching allocator at the budget
 (``torch.cuda.set_per_process_memory_fraction``, so that a probe over the
 budget fails at its first allocation beyond it instead of running on), builds a
-cache, prefills ``batch`` random prompts and decodes a few steps eagerly. It
+cache, prefills random prompts and decodes a few steps eagerly at ``batch``. With
+``prefill="one"`` (the default of ``generate`` mode) it prefills one sequence and
+repeats its cache to ``batch`` rows (``batch_repeat_interleave``, as beam search
+does): the cache's bytes do not depend on the tokens, and the prefill's
+activations are then those of one sequence, as in a serving engine that
+prefills sequences one at a time or in chunks; otherwise (``"batch"``, and
+always in ``graph`` mode, whose static caches are sized for the batch) the
+whole batch is prefilled at once, and its activations can bound the batch
+before the cache does. It
 fits when it raised no out-of-memory error and the peak allocated bytes
 (weights included) stayed within the budget. A batch predicted
 (:mod:`mustafar.bench.memory`) above ``budget * (1 + slack)`` counts as not
@@ -29,7 +37,10 @@ from .memory import gib, predict_bytes
 from .models import model_dims, weight_bytes
 from .timing import Clock
 
-__all__ = ["Probe", "find_max_batch", "make_probe", "oom_reason"]
+__all__ = ["Probe", "find_max_batch", "make_probe", "oom_reason", "PREFILLS", "prefill_kind"]
+
+#: How a probe prefills: ``"one"`` sequence repeated to the batch, or the whole ``"batch"`` at once.
+PREFILLS = ("one", "batch")
 
 #: Characters of an unrecognised out-of-memory message kept in a reason.
 _REASON_CHARS = 200
@@ -79,8 +90,19 @@ def find_max_batch(probe: Callable[[int], Probe], max_batch: int = 4096) -> tupl
     return good, probes
 
 
+def prefill_kind(mode: str, prefill: str) -> str:
+    """The prefill a probe of ``mode`` really runs: ``prefill`` (one of :data:`PREFILLS`), ``"batch"`` in graph mode.
+
+    Raises:
+        ValueError: ``prefill`` not in :data:`PREFILLS`.
+    """
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    return "batch" if mode == "graph" else prefill
+
+
 def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps: int, seed: int = 0,
-               slack: float = 0.25, backend: str = "auto") -> Callable[[int], Probe]:
+               slack: float = 0.25, backend: str = "auto", prefill: str = "one") -> Callable[[int], Probe]:
     """A probe ``batch -> Probe`` for ``model`` on its (CUDA) device; see the module docstring.
 
     Args:
@@ -88,15 +110,21 @@ def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps:
         prompt: prompt tokens; steps: eager decode steps after the prefill.
         budget_bytes: the memory budget, weights included.
         slack: run a batch only if predicted <= ``budget * (1 + slack)``.
+        prefill: ``"one"`` or ``"batch"`` (see the module docstring; graph mode always ``"batch"``).
+
+    Raises:
+        ValueError: ``prefill`` not in :data:`PREFILLS`.
     """
     clock = Clock(model.device)
     dims, weights = model_dims(model.config), weight_bytes(model)
+    one = prefill_kind(mode, prefill) == "one"
 
     def probe(batch: int) -> Probe:
-        predicted = weights + predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype)["total"]
-        if predicted > budget_bytes * (1 + slack):
-            return Probe(batch, False, None, f"predicted {gib(predicted)} > budget {gib(budget_bytes)}")
-        return _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend)
+        predicted = predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype, prefill_batch=1 if one
+                                  else None)["total"]
+        if weights + predicted > budget_bytes * (1 + slack):
+            return Probe(batch, False, None, f"predicted {gib(weights + predicted)} > budget {gib(budget_bytes)}")
+        return _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one)
 
     return probe
 
@@ -107,14 +135,14 @@ def oom_reason(error: BaseException) -> str:
     return f"out of memory (tried to allocate {match[1]})" if match else f"out of memory: {str(error)[:_REASON_CHARS]}"
 
 
-def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend) -> Probe:
+def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one) -> Probe:
     clock.fresh()
     total = clock.total_bytes()
     if clock.cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), model.device)
     error = ""
     try:
-        _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend)
+        _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one)
     except torch.cuda.OutOfMemoryError as oom:
         error = oom_reason(oom)
     finally:
@@ -129,12 +157,16 @@ def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, c
 
 
 @torch.inference_mode()
-def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend) -> None:
+def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one) -> None:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(model.config.vocab_size, (batch, prompt), generator=generator).to(model.device)
-    cache = make_cache(mode, setting, model, batch, prompt + steps + 1, backend)
+    rows = 1 if one else batch
+    ids = torch.randint(model.config.vocab_size, (rows, prompt), generator=generator).to(model.device)
+    cache = make_cache(mode, setting, model, rows, prompt + steps + 1, backend)
     first = prefill(model, cache, ids)
     del ids
+    if one and batch > 1:
+        cache.batch_repeat_interleave(batch)
+        first = first.repeat_interleave(batch, dim=0)
     step = DecodeStep(model, cache, first, prompt, steps)
     for _ in range(steps):
         step()

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..config import SparsityConfig, parse_setting
 from .caches import MODES
+from .capacity import PREFILLS
 from .models import SHAPES, resolve_dtype
 
 __all__ = ["BenchConfig", "QUICK"]
@@ -60,6 +61,9 @@ class BenchConfig:
         capacity: run the capacity search instead of the grid, at each prompt, with budget_gib
             (GiB, weights included; None: the device's memory), capacity_steps decode steps per
             probe, capacity_slack (see :mod:`mustafar.bench.capacity`) and max_batch.
+        capacity_prefill: ``"one"`` (prefill one sequence and repeat its cache to the batch, so
+            that the cache, not one huge prefill, bounds the batch) or ``"batch"``; graph mode
+            always prefills the batch.
     """
 
     shape: str = "llama3-8b"
@@ -88,6 +92,7 @@ class BenchConfig:
     capacity_steps: int = 4
     capacity_slack: float = 0.25
     max_batch: int = 4096
+    capacity_prefill: str = "one"
     sparsity: tuple[SparsityConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -114,6 +119,8 @@ class BenchConfig:
             _positive_ints("memory_limit_bytes", (self.memory_limit_bytes,))
         if self.budget_gib is not None and not (isinstance(self.budget_gib, (int, float)) and self.budget_gib > 0):
             raise ValueError(f"budget_gib must be a positive number of GiB or None, got {self.budget_gib!r}")
+        if self.capacity_prefill not in PREFILLS:
+            raise ValueError(f"capacity_prefill must be one of {PREFILLS}, got {self.capacity_prefill!r}")
         if not (isinstance(self.capacity_slack, (int, float)) and self.capacity_slack >= 0):
             raise ValueError(f"capacity_slack must be a number >= 0, got {self.capacity_slack!r}")
 

@@ -65,7 +65,7 @@ def _activation_bytes_per_token(dims: dict, itemsize: int) -> int:
 
 
 def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, prompt: int, new_tokens: int,
-                  dtype: torch.dtype = torch.float16) -> dict:
+                  dtype: torch.dtype = torch.float16, prefill_batch: int | None = None) -> dict:
     """Predicted peak bytes of a case beyond the weights: ``{"kv", "prefill", "decode", "total"}``.
 
     ``total = kv + max(prefill, decode)``: the full cache, plus the larger of the
@@ -76,13 +76,16 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
         setting: the sparsity setting; mode: ``"generate"`` or ``"graph"``.
         batch, prompt, new_tokens: the case (tokens).
         dtype: the model's dtype.
+        prefill_batch: sequences prefilled at once (None: ``batch``); the capacity search's
+            one-sequence prefill passes 1.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     tokens = prompt + new_tokens
     kv = _kv_bytes(dims, setting, mode, batch, tokens, dtype)
+    rows = batch if prefill_batch is None else min(prefill_batch, batch)
     layer_kv = 2 * batch * dims["kv_heads"] * tokens * dims["head_dim"] * itemsize
     logits = 2 * batch * dims["vocab"] * _FP32_BYTES
-    prefill = batch * prompt * _activation_bytes_per_token(dims, itemsize) + 2 * layer_kv + logits
+    prefill = rows * prompt * _activation_bytes_per_token(dims, itemsize) + 2 * layer_kv * rows // batch + logits
     decode = logits
     if setting.is_dense and mode == "graph":
         decode += layer_kv * (dims["q_heads"] // dims["kv_heads"])

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend
 
 from .breakdown import step_breakdown
 from .caches import kv_stats, make_cache
-from .capacity import find_max_batch, make_probe, oom_reason
+from .capacity import find_max_batch, make_probe, oom_reason, prefill_kind
 from .config import BenchConfig
 from .decode import generate_decode, graph_decode, prefill
 from .memory import gib, predict_bytes
@@ -187,11 +187,12 @@ def run_capacity(ctx: _Context, probe_factory=None) -> list[dict]:
         raise ValueError("budget_gib must be given on a device without a known memory size (e.g. a CPU)")
     factory = probe_factory or (lambda setting, mode, prompt, budget_bytes: make_probe(
         ctx.model, setting, mode, prompt, budget_bytes, config.capacity_steps, config.seed, config.capacity_slack,
-        config.backend))
+        config.backend, config.capacity_prefill))
     rows = []
     for mode in config.modes:
         for prompt in config.prompts:
-            row = {"mode": mode, "prompt": prompt, "budget_bytes": budget, "settings": {}}
+            row = {"mode": mode, "prompt": prompt, "budget_bytes": budget,
+                   "prefill": prefill_kind(mode, config.capacity_prefill), "settings": {}}
             for setting in config.sparsity:
                 best, probes = find_max_batch(factory(setting, mode, prompt, budget), config.max_batch)
                 row["settings"][setting.name] = {"max_batch": best, "probes": [p.to_dict() for p in probes]}
