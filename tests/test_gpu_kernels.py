@@ -23,9 +23,9 @@ def _rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _random_case(batch, kv_heads, group, q_len, tokens, window, head_dim, dtype, sparsity, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)  # noqa: E731
+def _random_case(batch, kv_heads, group, q_len, tokens, window, head_dim, dtype, sparsity, seed, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
     query = rand(batch, kv_heads * group, q_len, head_dim)
     keys = compress(rand(batch, kv_heads, tokens, head_dim), sparsity)
     values = compress(rand(batch, kv_heads, tokens, head_dim), sparsity)
@@ -174,3 +174,20 @@ def test_static_cache_graph_replay_matches_eager():
         return torch.cat(out, 1)
 
     assert torch.equal(run(capture=True), run(capture=False))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kernels_run_on_the_tensors_device_not_the_current_one(backend):
+    """A layer on cuda:1 (``device_map``) while cuda:0 is current: the kernels must launch on cuda:1."""
+    assert torch.cuda.current_device() == 0
+    query, keys, values, kw, vw = _random_case(2, 4, 4, 1, 700, 20, 128, torch.float16, 0.7, 11, device="cuda:1")
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend=backend)
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch")
+    assert out.device == torch.device("cuda:1") and _rel_err(out, ref) < TOL[torch.float16]
+    x = torch.randn(2, 4, 99, 128, device="cuda:1", dtype=torch.float16)
+    store = BitmapKV.empty(2, 4, 128, 0.7, torch.float16, "cuda:1", capacity=128)
+    compress_into(x, 0.7, store._values, store._bitmaps, 0, backend=backend)
+    ref_values, ref_bitmaps = compress_reference(x, 0.7)
+    assert torch.equal(store._values[:, :, :99], ref_values) and torch.equal(store._bitmaps[:, :, :99], ref_bitmaps)
+    assert torch.cuda.current_device() == 0

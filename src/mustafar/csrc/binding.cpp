@@ -1,4 +1,5 @@
 // Torch binding of the mustafar CUDA decode kernels (decode.cu); compiled at first use on CUDA machines.
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
@@ -22,6 +23,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
             torch::Tensor& part_o, torch::Tensor& part_m, torch::Tensor& part_l, torch::Tensor& out, int64_t n_comp,
             int64_t tokens_per_split, int64_t n_splits, double scale_log2e, const torch::Tensor& length,
             int64_t window) {
+  const c10::cuda::CUDAGuard device_guard(q.device());  // launch on the tensors' device, not the current one
   DecodeParams p{};
   p.q = half_ptr(q);
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
@@ -70,6 +72,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
 // [B, Hkv, n, D/32], both with contiguous rows (views into a store at a token offset).
 void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitmaps, const torch::Tensor& position,
               int64_t window) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
   CompressParams p{};
   p.x = half_ptr(x), p.x_sb = x.stride(0), p.x_sh = x.stride(1), p.x_st = x.stride(2);
   p.vals = reinterpret_cast<uint16_t*>(values.data_ptr()), p.v_sb = values.stride(0), p.v_sh = values.stride(1);

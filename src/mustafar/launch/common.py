@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -28,3 +29,12 @@ def multiprocessors(device_index: int) -> int:
 
 def sm_count(device: torch.device) -> int:
     return multiprocessors(device.index if device.index is not None else 0) if device.type == "cuda" else 8
+
+
+def on_device(tensor: torch.Tensor):
+    """A context that makes ``tensor``'s CUDA device the current one; a no-op for other devices.
+
+    Triton and CUDA kernels launch on the current device and its stream: without this, a layer
+    placed on ``cuda:1`` (``device_map``) would launch its kernels on ``cuda:0``.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

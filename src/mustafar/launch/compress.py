@@ -8,7 +8,7 @@ import triton
 from ..format import num_words
 from ..kernels.compress import compress_kernel
 from ..pruning import keep_count
-from .common import next_pow2
+from .common import next_pow2, on_device
 
 #: Rows per program.
 BLOCK_ROWS = 32
@@ -26,11 +26,12 @@ def compress_triton(x: torch.Tensor, sparsity: float, values: torch.Tensor, bitm
     if rows == 0:
         return
     bits32 = bitmaps.view(torch.int32)
-    compress_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        values, values.stride(0), values.stride(1), values.stride(2),
-        bits32, bits32.stride(0), bits32.stride(1), bits32.stride(2),
-        h, n, rows, keep_count(d, sparsity),
-        D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d), KEY_BITS=31 if x.dtype == torch.float32 else 15,
-        BLOCK_R=BLOCK_ROWS, num_warps=4,
-    )
+    with on_device(x):
+        compress_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            values, values.stride(0), values.stride(1), values.stride(2),
+            bits32, bits32.stride(0), bits32.stride(1), bits32.stride(2),
+            h, n, rows, keep_count(d, sparsity),
+            D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d), KEY_BITS=31 if x.dtype == torch.float32 else 15,
+            BLOCK_R=BLOCK_ROWS, num_warps=4,
+        )

@@ -9,7 +9,7 @@ import triton
 
 from ..format import BitmapKV, num_words
 from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
-from .common import interpreting, next_pow2, sm_count
+from .common import interpreting, next_pow2, on_device, sm_count
 
 #: Tokens per inner step of a program.
 BLOCK_N = 64
@@ -82,21 +82,22 @@ def decode_attention_triton(
     mask, mask_strides, mask_mode = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
     kbits = key_bits.view(torch.int32)
     vbits = value_bits.view(torch.int32)
-    sparse_decode_kernel[(parts, b * hkv)](
-        query, *_strides(query),
-        key_values, *_strides(key_values), kbits, *_strides(kbits),
-        value_values, *_strides(value_values), vbits, *_strides(vbits),
-        kw, *_strides(kw), vw, *_strides(vw),
-        query if mask is None else mask, *mask_strides,
-        partial, m_part, l_part,
-        hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * _LOG2E,
-        D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
-        num_warps=4,
-    )
-    out = torch.empty_like(query)
-    merge_splits_kernel[(b * hkv, group * lq)](
-        partial, m_part, l_part, out, *_strides(out), hkv, group, lq, parts,
-        D=d, ROWS=rows, DP=next_pow2(d), BLOCK_S=min(64, next_pow2(parts)),
-    )
+    with on_device(query):
+        sparse_decode_kernel[(parts, b * hkv)](
+            query, *_strides(query),
+            key_values, *_strides(key_values), kbits, *_strides(kbits),
+            value_values, *_strides(value_values), vbits, *_strides(vbits),
+            kw, *_strides(kw), vw, *_strides(vw),
+            query if mask is None else mask, *mask_strides,
+            partial, m_part, l_part,
+            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * _LOG2E,
+            D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+            num_warps=4,
+        )
+        out = torch.empty_like(query)
+        merge_splits_kernel[(b * hkv, group * lq)](
+            partial, m_part, l_part, out, *_strides(out), hkv, group, lq, parts,
+            D=d, ROWS=rows, DP=next_pow2(d), BLOCK_S=min(64, next_pow2(parts)),
+        )
     return out
