@@ -20,4 +20,10 @@ from .pruning import (
     prune_think,
 )
 
+__all__ = [
+    "ATTENTION_NAME", "SETTINGS", "BitmapKV", "MustafarCache", "MustafarLayer", "SparsityConfig", "StaticMustafarCache",
+    "available_backends", "bytes_per_token", "compress", "dense_bytes_per_token", "keep_count", "load_model",
+    "mustafar_attention_forward", "parse_setting", "prune_output_aware", "prune_per_channel", "prune_per_token",
+    "prune_think", "sparse_decode_attention",
+]
 __version__ = "0.1.0"
