@@ -42,7 +42,7 @@ from .attention import Link, held_mask, link_tensor
 from .cache_rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
 from .format import BitmapKV
 from .model_support import check_reader
-from .ops import BACKENDS, sparse_decode_attention
+from .ops import BACKENDS, decode_attention_unchecked
 
 __all__ = ["NO_OFFLOADING", "MustafarLayer", "check_batch_index"]
 
@@ -223,8 +223,9 @@ class MustafarLayer(CacheLayerMixin):
         key = prune_rows_prefix(key, lags, self.key_sparsity)
         value = prune_rows_prefix(value, lags, self.value_sparsity)
         window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
-        return sparse_decode_attention(query, self.key_store, self.value_store, *window, scale=scale,
-                                       backend=self.backend, attention_mask=held_mask(attention_mask, total))
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        return decode_attention_unchecked(query, self.key_store, self.value_store, *window, scale, self.backend,
+                                          held_mask(attention_mask, total))
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -189,12 +189,12 @@ class BitmapKV:
     @property
     def values(self) -> torch.Tensor:
         """``[batch, kv_heads, tokens, k_keep]``, cache dtype (a view)."""
-        return self._values[:, :, : self._tokens]
+        return self._values.narrow(2, 0, self._tokens)
 
     @property
     def bitmaps(self) -> torch.Tensor:
         """``[batch, kv_heads, tokens, ceil(head_dim / 64)]`` int64 (a view)."""
-        return self._bitmaps[:, :, : self._tokens]
+        return self._bitmaps.narrow(2, 0, self._tokens)
 
     @property
     def storage(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,6 +195,17 @@ def sparse_decode_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else check_scale(scale)
     if query.shape[0] == 0:  # an empty batch: nothing to attend
         return torch.empty_like(query)
+    return decode_attention_unchecked(query, key_cache, value_cache, key_window, value_window, scale, backend,
+                                      attention_mask)
+
+
+def decode_attention_unchecked(query, key_cache, value_cache, key_window, value_window, scale: float, backend: str,
+                               attention_mask) -> torch.Tensor:
+    """:func:`sparse_decode_attention` without its input checks, for callers whose inputs hold by construction.
+
+    ``MustafarLayer`` calls it once per layer and decode step, where eager decoding at small batch is
+    bound by host time (the checks cost about 10 us a call); ``scale`` must be a float, the batch non-empty.
+    """
     chosen = _resolve_backend(backend, query.device)
     if chosen in ("cuda", "triton") and backend != "triton":
         from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda

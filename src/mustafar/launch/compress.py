@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..format import num_words
 from ..kernels.compress import compress_kernel
 from ..pruning import keep_count
-from .common import next_pow2, on_device
+from .common import cdiv, next_pow2, on_device
 
 #: Rows per program.
 BLOCK_ROWS = 32
@@ -27,7 +26,7 @@ def compress_triton(x: torch.Tensor, sparsity: float, values: torch.Tensor, bitm
         return
     bits32 = bitmaps.view(torch.int32)
     with on_device(x):
-        compress_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
+        compress_kernel[(cdiv(rows, BLOCK_ROWS),)](
             x, x.stride(0), x.stride(1), x.stride(2),
             values, values.stride(0), values.stride(1), values.stride(2),
             bits32, bits32.stride(0), bits32.stride(1), bits32.stride(2),

@@ -13,10 +13,9 @@ import functools
 import os
 
 import torch
-import triton
 
 from ..format import BitmapKV
-from .common import sm_count
+from .common import cdiv, sm_count
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 _LOG2E = 1.4426950408889634
@@ -49,6 +48,7 @@ def load_extension():
     )
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
     """Whether a CUDA device of compute capability >= 8.0 is present (the kernel uses mma.sync and cp.async)."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
@@ -69,8 +69,9 @@ def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window
         return False
     if key_window is not None and key_window.stride(-1) != 1:
         return False
-    for store in (key_cache, value_cache):
-        if store.capacity % TILE_TOKENS or not (_rows_ok(store.values) and _rows_ok(store.bitmaps)):
+    for store in (key_cache, value_cache):  # the whole buffers: same pointer and strides as the views of the tokens
+        values, bitmaps = store.storage
+        if store.capacity % TILE_TOKENS or not (_rows_ok(values) and _rows_ok(bitmaps)):
             return False
     return True
 
@@ -90,7 +91,7 @@ def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: i
     if tokens == 0:
         return 0
     wave = sm_count(device) * per_sm
-    return max(1, min(triton.cdiv(tokens, CTA_TOKENS), wave // batch_heads))
+    return max(1, min(cdiv(tokens, CTA_TOKENS), wave // batch_heads))
 
 
 def decode_attention_cuda(
@@ -120,24 +121,25 @@ def decode_attention_cuda(
         splits = choose_splits(b * hkv, n_comp, query.device, per_sm)
     else:
         splits = min(num_splits, n_comp)
-    per_split = triton.cdiv(triton.cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
-    splits = triton.cdiv(n_comp, per_split) if n_comp else 0
+    per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
+    splits = cdiv(n_comp, per_split) if n_comp else 0
     has_window = key_window is not None and key_window.shape[2] > 0
     parts = splits + int(has_window)
-    part_o = torch.empty(parts, b * hkv, _WORKSPACE_ROWS, d, device=query.device, dtype=torch.float32)
-    part_m = torch.empty(parts, b * hkv, _WORKSPACE_ROWS, device=query.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    out = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+    # one workspace allocation (host time counts at small batch): partial outputs, then running max and sum
+    rows_total = parts * b * hkv * _WORKSPACE_ROWS
+    workspace = torch.empty(rows_total * (d + 2), device=query.device, dtype=torch.float32)
+    part_o = workspace[: rows_total * d].view(parts, b * hkv, _WORKSPACE_ROWS, d)
+    part_m = workspace[rows_total * d : rows_total * (d + 1)].view(parts, b * hkv, _WORKSPACE_ROWS)
+    part_l = workspace[rows_total * (d + 1) :].view(parts, b * hkv, _WORKSPACE_ROWS)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
     empty = query.new_empty(0)
     mask = empty
     if attention_mask is not None:
         mask = attention_mask.expand(b, hq, lq, n_comp + (key_window.shape[2] if has_window else 0))
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
-    if length is None:
-        kv, kb, vv, vb = key_cache.values, key_cache.bitmaps, value_cache.values, value_cache.bitmaps
-    else:
-        (kv, kb), (vv, vb) = key_cache.storage, value_cache.storage
+    # the whole buffers: the kernel reads n_comp rows (or the device-side length), with the views' strides
+    (kv, kb), (vv, vb) = key_cache.storage, value_cache.storage
     ext.decode(
         query, kv, kb.view(torch.int32), vv, vb.view(torch.int32), key_window if has_window else empty,
         value_window if has_window else empty, mask, part_o, part_m, part_l, out,

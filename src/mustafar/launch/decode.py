@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from ..format import BitmapKV, num_words
 from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
-from .common import interpreting, next_pow2, on_device, sm_count
+from .common import cdiv, interpreting, next_pow2, on_device, sm_count
 
 #: Tokens per inner step of a program.
 BLOCK_N = 64
@@ -23,8 +22,8 @@ def choose_splits(batch_heads: int, tokens: int, device: torch.device, block_n: 
     """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU."""
     if tokens == 0:
         return 0
-    blocks = triton.cdiv(tokens, block_n)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads)
+    blocks = cdiv(tokens, block_n)
+    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads)
     return max(1, min(blocks, wanted))
 
 
@@ -71,8 +70,8 @@ def decode_attention_triton(
     rows = max(_MIN_DOT, next_pow2(group * lq))
     groups = max(_MIN_DOT, next_pow2(math.ceil(d / 4)))
     splits = choose_splits(b * hkv, n_comp, query.device) if num_splits is None else min(num_splits, n_comp)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(n_comp, tokens_per_split) if n_comp else 0
+    tokens_per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
+    splits = cdiv(n_comp, tokens_per_split) if n_comp else 0
     parts = splits + (1 if n_win else 0)
     partial = torch.empty(parts, b * hkv, rows, d, device=query.device, dtype=torch.float32)
     m_part = torch.empty(parts, b * hkv, rows, device=query.device, dtype=torch.float32)
