@@ -226,6 +226,8 @@ class MustafarCache(Cache):
 
 def check_layer_idx(layer_idx: object) -> int:
     """``layer_idx`` as an int after checking it is a non-negative integer (not a bool or a float)."""
+    if type(layer_idx) is int and layer_idx >= 0:  # the common case, first: this runs per layer and step
+        return layer_idx
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
         raise TypeError(f"layer_idx must be an int >= 0 (the model layer), got {type(layer_idx).__name__} "
                         f"{layer_idx!r}")
