@@ -333,3 +333,49 @@ def test_eval_drops_duplicate_settings_methods_and_lengths():
     assert [s.name for s in config.settings] == ["dense", "K0.5V0.5"]
     assert config.methods == ("per-token", "think") and config.tasks == ("passkey",)
     assert config.context_lengths == (256, 512)
+
+
+# ---------------------------------------------------------------- second QA round
+def test_batch_rows_cannot_change_between_update_and_its_attention():
+    """Was: accepted, and the attention then read another row's store (NaN with Triton, a silent broadcast in torch)."""
+    cache = filled_cache(layers=1)
+    new_k, new_v = states(tokens=1)
+    cache.update(new_k, new_v, 0)  # not yet read by the attention
+    before = snapshot(cache)
+    for edit in (lambda: cache.batch_select_indices([1]), lambda: cache.reorder_cache(torch.tensor([2, 1, 0])),
+                 lambda: cache.batch_repeat_interleave(2), lambda: cache.layers[0].batch_select_indices([0])):
+        with pytest.raises(ValueError, match=r"batch rows cannot be reordered, selected or repeated between update"):
+            edit()
+        assert_unchanged(cache, before)
+    cache.layers[0].consume()
+    cache.batch_repeat_interleave(2)
+    assert cache.layers[0].keys.shape[0] == 2 * BATCH
+
+
+def test_uint8_indices_are_refused():
+    """Was: read as row numbers, where torch indexing (and DynamicCache) once read uint8 as a mask."""
+    cache = filled_cache()
+    with pytest.raises(TypeError, match=r"indices must be .*got dtype torch.uint8 \(ambiguous"):
+        cache.batch_select_indices(torch.tensor([1, 0, 1], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("device, error, match", [
+    ("hpu", UnsupportedHardwareError, r"device 'hpu': no hpu device is available here"),
+    ("xla", UnsupportedHardwareError, r"device 'xla': no xla device is available here"),
+    ("cpu:3", ValueError, r"device 'cpu:3': the CPU is one device"),
+])
+def test_check_device_refuses_device_types_this_machine_lacks(device, error, match):
+    with pytest.raises(error, match=match):
+        mustafar.models.check_device(device)
+    assert mustafar.models.check_device("cpu:0") == torch.device("cpu:0")
+
+
+@pytest.mark.parametrize("args, option, message", [
+    (["--capacity", "--prompts", "8"], "--budget-gib", "needs a budget"),
+    (["--capacity", "--budget-gib", "1", "--capacity-prefill", "ONE"], "--capacity-prefill", "must be one of one, batch"),
+    (["--settings", "K0.5V0.5,K0.50V0.50"], "", "settings must be distinct"),
+])
+def test_bench_refuses_bad_capacity_options_up_front(no_cuda, args, option, message, tmp_path):
+    result = runner.invoke(app, ["bench", "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert option in plain(result.output) and message in plain(result.output)

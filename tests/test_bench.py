@@ -273,3 +273,24 @@ def test_predict_bytes_one_sequence_prefill_is_smaller():
     whole = predict_bytes(dims, setting, "generate", 16, 32768, 5)
     one = predict_bytes(dims, setting, "generate", 16, 32768, 5, prefill_batch=1)
     assert one["kv"] == whole["kv"] and one["prefill"] * 8 < whole["prefill"]
+
+
+def test_capacity_on_cpu_is_the_prediction_without_slack(model, tmp_path):
+    """No device memory counters: a batch fits only if predicted within the budget, and the result says so."""
+    from mustafar.bench import capacity
+
+    setting = mustafar.parse_setting("dense", window=8, chunk=16)
+    weights = weight_bytes(model)
+    dims = model_dims(model.config)
+    per = lambda b: weights + predict_bytes(dims, setting, "generate", b, 40, 3, model.dtype,  # noqa: E731
+                                            prefill_batch=1)["total"]
+    budget = (per(5) + per(6)) // 2  # batch 5 is predicted to fit, 6 not; 6 is within the slack
+    assert per(6) < budget * 1.25
+    best, probes = find_max_batch(capacity.make_probe(model, setting, "generate", 40, budget, steps=3, slack=0.25))
+    assert best == 5
+    assert all("not measured" in p.reason for p in probes if p.fits)
+    result = run_bench(out=tmp_path, log=lambda line: None, **{**SMALL, "capacity": True, "settings": ("dense",),
+                                                              "prompts": (40,), "budget_gib": budget / 2**30,
+                                                              "modes": ("generate",), "capacity_steps": 3})
+    entry = result["capacity"][0]["settings"]["dense"]
+    assert entry["measured"] is False and entry["hit_max_batch"] is False

@@ -46,7 +46,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import ops
-from ._checks import check_sparsity
+from ._checks import check_positive_int, check_sparsity
 from .cache_layer import NO_OFFLOADING, MustafarLayer, check_batch_index
 from .config import SparsityConfig
 from .model_support import check_model_config
@@ -198,11 +198,24 @@ class MustafarCache(Cache):
         """
         self._select_rows("indices", indices, masks=True)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` (an int >= 1) times in place (``torch.repeat_interleave`` order).
+
+        Raises:
+            TypeError / ValueError: ``repeats`` not an int >= 1; called between an update and its attention.
+        """
+        repeats = check_positive_int("repeats", repeats)
+        held = [layer for layer in self.layers if layer.is_initialized]
+        if held:
+            self._select_rows("repeats", torch.arange(held[0].keys.shape[0]).repeat_interleave(repeats), masks=False)
+
     def _select_rows(self, name: str, index: object, masks: bool) -> None:
         held = [layer for layer in self.layers if layer.is_initialized]
         if not held:
             return
         index = check_batch_index(name, index, held[0].keys.shape[0], masks=masks)
+        for layer in held:  # every check before any layer changes
+            layer.check_rows_editable()
         for layer in held:
             layer.select_rows(index)
 

@@ -325,10 +325,28 @@ class MustafarLayer(CacheLayerMixin):
         if self.is_initialized:
             self.select_rows(check_batch_index("indices", indices, self.keys.shape[0], masks=True))
 
+    def check_rows_editable(self) -> None:
+        """Raise ``ValueError`` between an :meth:`update` and the attention that reads its output.
+
+        The attention's query still has the old batch rows then: editing the rows would make it read
+        another row's store (a wrong answer, not an error).
+        """
+        if self._unconsumed:
+            raise ValueError(
+                f"MustafarCache layer {self.layer_idx}: batch rows cannot be reordered, selected or repeated between "
+                "update() and the attention that reads its output (the query still has the old rows); edit the "
+                "batch before the forward pass or after it"
+            )
+
     def select_rows(self, index: torch.Tensor) -> None:
-        """Keep the batch rows ``index``, a 1-d integer tensor already checked by :func:`check_batch_index`."""
+        """Keep the batch rows ``index``, a 1-d integer tensor already checked by :func:`check_batch_index`.
+
+        Raises:
+            ValueError: called between :meth:`update` and the attention (:meth:`check_rows_editable`).
+        """
         if not self.is_initialized:
             return
+        self.check_rows_editable()
         index = index.to(device=self.device, dtype=torch.long)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.key_store.select_batch(index)
@@ -347,7 +365,7 @@ def check_batch_index(name: str, index: object, batch: int, masks: bool = False)
     (a CUDA index is checked for its dtype and rank, so that no host synchronisation happens).
 
     Raises:
-        TypeError: not a tensor or list; a float tensor; a bool tensor where ``masks`` is False.
+        TypeError: not a tensor or list; a float or uint8 tensor; a bool tensor where ``masks`` is False.
         ValueError: not 1-d; no row selected; a CPU index outside ``[0, batch)``; a mask of another length.
     """
     kind = "a 1-d integer tensor of batch rows" + (" or a 1-d bool mask" if masks else "")
@@ -360,6 +378,9 @@ def check_batch_index(name: str, index: object, batch: int, masks: bool = False)
         raise TypeError(f"{name} must be {kind}, got {type(index).__name__} {index!r}")
     if index.dim() != 1:
         raise ValueError(f"{name} must be {kind}, got shape {tuple(index.shape)}")
+    if index.dtype == torch.uint8:
+        raise TypeError(f"{name} must be {kind}, got dtype torch.uint8 (ambiguous: old torch indexing read it as a "
+                        "mask); pass int64 row indices" + (" or a bool mask" if masks else ""))
     if index.dtype == torch.bool:
         if not masks:
             raise TypeError(f"{name} must hold integer batch row indices, got a bool tensor (a mask: use "

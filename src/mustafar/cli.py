@@ -312,7 +312,18 @@ def bench(
     """Decode speed and memory of dense vs sparse KV caches on a random-weight model (prefill, eager, CUDA graph)."""
     from .bench import QUICK, BenchConfig, run_bench
 
+    import torch
+
+    from .bench.capacity import PREFILLS
+
     _check_device(device)
+    if capacity_prefill not in PREFILLS:
+        raise typer.BadParameter(f"must be one of {', '.join(PREFILLS)}, got {capacity_prefill!r}",
+                                 param_hint="'--capacity-prefill'")
+    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).strip().startswith("cuda")
+    if capacity and budget_gib is None and not on_cuda:
+        raise typer.BadParameter("--capacity on a device without a known memory size (a CPU) needs a budget, e.g. "
+                                 "--budget-gib 4", param_hint="'--budget-gib'")
     lists = {"batches": (batches, int), "prompts": (prompts, int), "settings": (settings, str), "modes": (modes, str)}
     given = {name: tuple(_split(text, name, kind)) for name, (text, kind) in lists.items() if text is not None}
     given.update({k: v for k, v in dict(shape=shape, layers=layers, new_tokens=new_tokens, budget_gib=budget_gib,

@@ -186,8 +186,11 @@ def check_device(device: object) -> torch.device:
     elif parsed.type != "cpu":
         backend = getattr(torch, parsed.type, None)
         available = getattr(backend, "is_available", None)
-        if callable(available) and not available():
-            raise UnsupportedHardwareError(f"device {device!r}: no {parsed.type} device is available here")
+        if not callable(available) or not available():
+            raise UnsupportedHardwareError(f"device {device!r}: no {parsed.type} device is available here (use 'cpu'"
+                                           f"{' or cuda' if torch.cuda.is_available() else ''})")
+    elif parsed.index not in (None, 0):
+        raise ValueError(f"device {device!r}: the CPU is one device, 'cpu' (or 'cpu:0')")
     return parsed
 
 

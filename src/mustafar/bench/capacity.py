@@ -14,7 +14,8 @@ activations are then those of one sequence, as in a serving engine that
 prefills sequences one at a time or in chunks; otherwise (``"batch"``, and
 always in ``graph`` mode, whose static caches are sized for the batch) the
 whole batch is prefilled at once, and its activations can bound the batch
-before the cache does. It
+before the cache does. Without device memory counters (a CPU) a batch fits when
+its prediction is within the budget, with no slack, and the probe says so. It
 fits when it raised no out-of-memory error and the peak allocated bytes
 (weights included) stayed within the budget. A batch predicted
 (:mod:`mustafar.bench.memory`) above ``budget * (1 + slack)`` counts as not
@@ -120,11 +121,16 @@ def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps:
     one = prefill_kind(mode, prefill) == "one"
 
     def probe(batch: int) -> Probe:
-        predicted = predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype, prefill_batch=1 if one
-                                  else None)["total"]
-        if weights + predicted > budget_bytes * (1 + slack):
-            return Probe(batch, False, None, f"predicted {gib(weights + predicted)} > budget {gib(budget_bytes)}")
-        return _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one)
+        predicted = weights + predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype,
+                                            prefill_batch=1 if one else None)["total"]
+        # without device memory counters (a CPU) the prediction is all there is: no slack then
+        if predicted > budget_bytes * (1 + (slack if clock.cuda else 0)):
+            return Probe(batch, False, None, f"predicted {gib(predicted)} > budget {gib(budget_bytes)}")
+        probe_result = _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one)
+        if probe_result.peak_bytes is None and probe_result.fits:
+            return Probe(batch, True, None, f"predicted {gib(predicted)} <= budget (not measured: no device memory "
+                                            f"counters on {model.device.type})")
+        return probe_result
 
     return probe
 

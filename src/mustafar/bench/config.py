@@ -105,6 +105,9 @@ class BenchConfig:
         object.__setattr__(self, "modes", _names("modes", self.modes, MODES))
         object.__setattr__(self, "settings", _names("settings", self.settings))
         parsed = tuple(parse_setting(s, window=self.window, chunk=self.chunk) for s in self.settings)
+        names = [p.name for p in parsed]
+        if len(set(names)) != len(names):
+            raise ValueError(f"settings must be distinct, got {list(self.settings)} (the same as {names})")
         object.__setattr__(self, "sparsity", parsed)
         for name in ("ttft_repeats", "op_repeats", "capacity_steps", "max_batch"):
             _positive_ints(name, (getattr(self, name),))

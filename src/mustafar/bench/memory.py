@@ -38,8 +38,10 @@ _GIB = 2**30
 
 
 def gib(nbytes: float | None) -> str:
-    """``nbytes`` as ``'12.3 GiB'`` (``'-'`` for ``None``)."""
-    return "-" if nbytes is None else f"{nbytes / _GIB:.1f} GiB"
+    """``nbytes`` as ``'12.3 GiB'`` (below 0.1 GiB: ``'45.6 MiB'``; ``'-'`` for ``None``)."""
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / _GIB:.1f} GiB" if nbytes >= _GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _kv_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, tokens: int, dtype: torch.dtype) -> int:

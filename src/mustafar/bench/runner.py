@@ -195,9 +195,14 @@ def run_capacity(ctx: _Context, probe_factory=None) -> list[dict]:
                    "prefill": prefill_kind(mode, config.capacity_prefill), "settings": {}}
             for setting in config.sparsity:
                 best, probes = find_max_batch(factory(setting, mode, prompt, budget), config.max_batch)
-                row["settings"][setting.name] = {"max_batch": best, "probes": [p.to_dict() for p in probes]}
+                measured = all(p.peak_bytes is not None for p in probes if p.fits)
+                row["settings"][setting.name] = {"max_batch": best, "measured": measured,
+                                                 "hit_max_batch": best == config.max_batch,
+                                                 "probes": [p.to_dict() for p in probes]}
+                notes = ([] if measured else ["predicted, not measured"]) + (
+                    [f"the search's ceiling max_batch={config.max_batch}"] if best == config.max_batch else [])
                 ctx.log(f"capacity {mode} prompt {prompt} {setting.name}: max batch {best} "
-                        f"within {gib(budget)} ({len(probes)} probes)")
+                        f"within {gib(budget)} ({len(probes)} probes{''.join('; ' + n for n in notes)})")
             dense = row["settings"].get("dense", {}).get("max_batch")
             row["ratio_to_dense"] = {name: (s["max_batch"] / dense if dense else None)
                                      for name, s in row["settings"].items()}
