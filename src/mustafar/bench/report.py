@@ -70,8 +70,11 @@ def summary_line(row: dict) -> str:
              f"KV {gib(row['kv_bytes'])} ({100 * (row['kv_ratio'] or 0):.1f} % of dense)"]
     breakdown = row.get("breakdown")
     if breakdown:
+        rest = breakdown["rest_ms"]
+        rest_text = f"{rest:.2f} ms" if rest >= 0 else (
+            f"n/a (attention and compression timed alone exceed the step by {-rest:.2f} ms)")
         parts.append(f"attention {breakdown['attention_ms']:.2f} / compression {breakdown['compression_ms']:.2f}"
-                     f" / rest {breakdown['rest_ms']:.2f} ms")
+                     f" / rest {rest_text}")
     return f"{head} " + ", ".join(parts)
 
 
