@@ -196,6 +196,9 @@ def test_static_cache_refuses_batch_row_edits():
         with pytest.raises(NotImplementedError, match="StaticMustafarCache cannot reorder, select or repeat batch"):
             edit(arg)
     assert torch.equal(cache.layers[0].keys, ring)
+    empty = StaticMustafarCache(max_tokens=16, window=2)  # no config, no layers yet: refused all the same
+    with pytest.raises(NotImplementedError, match="StaticMustafarCache cannot reorder"):
+        empty.batch_repeat_interleave(2)
 
 
 # ---------------------------------------------------------------- 11: backends at construction

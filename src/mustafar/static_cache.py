@@ -310,6 +310,16 @@ class StaticMustafarCache(Cache):
         """
         raise NotImplementedError(_NO_CROP)
 
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported (beam search, batch selection or repetition), before or after the prefill.
+
+        Raises:
+            NotImplementedError: always (use :class:`~mustafar.MustafarCache`).
+        """
+        raise NotImplementedError(_NO_ROWS)
+
+    batch_select_indices = batch_repeat_interleave = reorder_cache
+
     def _bytes(self, layer_bytes) -> int:
         return sum(layer_bytes(layer) for layer in self.layers if layer.is_initialized)
 
