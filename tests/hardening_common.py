@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaModel
@@ -25,15 +24,6 @@ CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters e
 VOCAB = 128
 BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128, "vocab_size": VOCAB, "initializer_range": 0.2}
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Run a test with torch on one thread: on small shared CPUs, intra-op threads on tiny tensors cost ~8x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(config=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

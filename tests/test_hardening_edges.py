@@ -7,14 +7,13 @@ logits; the cache's counts are checked against the rule.
 
 import pytest
 import torch
-from hardening_common import (  # noqa: F401  (one_torch_thread: a fixture)
+from hardening_common import (
     BASE,
     CACHE,
     ReferenceCache,
     boundary,
     forced_logits,
     generate,
-    one_torch_thread,
     prompt,
     tiny_model,
 )
@@ -22,7 +21,7 @@ from transformers import DynamicCache
 
 from mustafar import MustafarCache, keep_count
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 HEAD_DIM_64 = {**BASE, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}
 
 

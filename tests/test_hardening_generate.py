@@ -9,12 +9,11 @@ tokens are the same. Contrastive search and DoLa live on the Hub in transformers
 
 import pytest
 import torch
-from hardening_common import (  # noqa: F401  (one_torch_thread: a fixture)
+from hardening_common import (
     CACHE,
     ReferenceCache,
     forced_logits,
     generate,
-    one_torch_thread,
     prompt,
     tiny_model,
 )
@@ -24,7 +23,6 @@ from mustafar.attention import _LINKS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-    pytest.mark.usefixtures("one_torch_thread"),
 ]
 SETTING = {"key_sparsity": 0.5, "value_sparsity": 0.7, "window": 4, "chunk": 8}
 

@@ -10,11 +10,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from hardening_common import one_torch_thread  # noqa: F401
 
 from mustafar import MustafarCache
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_run.py"
 SMALL = {"layers": 2, "head_dim": 16, "hidden": 64, "heads": 4, "dtype": "fp32", "prompt": 32, "window": 16,
          "chunk": 32, "device": "cpu", "slack": 256 << 10}

@@ -14,13 +14,12 @@ encoder-decoder cross-attention (BART), other layer types, head_dim > 256.
 import pytest
 import torch
 import transformers
-from hardening_common import (  # noqa: F401  (one_torch_thread: a fixture)
+from hardening_common import (
     BASE,
     CACHE,
     ReferenceCache,
     forced_logits,
     generate,
-    one_torch_thread,
     prompt,
     tiny_model,
 )
@@ -31,7 +30,6 @@ from mustafar.model_support import check_model_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-    pytest.mark.usefixtures("one_torch_thread"),
 ]
 SMALL = {**BASE, "num_attention_heads": 2, "num_key_value_heads": 1}
 FAMILIES = {

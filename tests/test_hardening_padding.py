@@ -7,12 +7,11 @@ pruning keeps of them; at sparsity 0 a row equals dense decoding too.
 
 import pytest
 import torch
-from hardening_common import (  # noqa: F401  (one_torch_thread: a fixture)
+from hardening_common import (
     CACHE,
     ReferenceCache,
     generate,
     left_pad,
-    one_torch_thread,
     prompt,
     tiny_model,
 )
@@ -25,7 +24,6 @@ from mustafar.reference import decode_attention_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-    pytest.mark.usefixtures("one_torch_thread"),
 ]
 LENGTHS = (50, 37, 21, 6)  # pads 0, 13, 29, 44: inside, across and beyond whole chunks
 

@@ -10,7 +10,7 @@ pruned oldest tokens, and what the attention reads is the rule of
 
 import pytest
 import torch
-from hardening_common import boundary, one_torch_thread  # noqa: F401
+from hardening_common import boundary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ from mustafar.cache_layer import MustafarLayer
 from mustafar.cache_rules import prune_rows_prefix
 from mustafar.format import unpack_bitmaps
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 SPARSITY = st.floats(0.0, 1.0, exclude_max=True, allow_nan=False)
