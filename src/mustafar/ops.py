@@ -203,6 +203,9 @@ def decode_attention_unchecked(query, key_cache, value_cache, key_window, value_
                                attention_mask) -> torch.Tensor:
     """:func:`sparse_decode_attention` without its input checks, for callers whose inputs hold by construction.
 
+    Arguments, shapes, dtypes and the result as for :func:`sparse_decode_attention`; invalid inputs are
+    not detected here (they give a kernel error or a wrong result), so public callers use that function.
+
     ``MustafarLayer`` calls it once per layer and decode step, where eager decoding at small batch is
     bound by host time (the checks cost about 10 us a call); ``scale`` must be a float, the batch non-empty.
     """
