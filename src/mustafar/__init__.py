@@ -7,6 +7,7 @@ for KV Cache Pruning in LLM Inference", arXiv 2505.22913 (NeurIPS 2025).
 
 from .attention import ATTENTION_NAME, mustafar_attention_forward
 from .cache import MustafarCache, MustafarLayer
+from .dense_static_cache import DenseStaticCache
 from .config import SETTINGS, SparsityConfig, parse_setting
 from .format import BitmapKV, bytes_per_token, compress, dense_bytes_per_token
 from .models import load_model
@@ -21,7 +22,7 @@ from .pruning import (
 )
 
 __all__ = [
-    "ATTENTION_NAME", "SETTINGS", "BitmapKV", "MustafarCache", "MustafarLayer", "SparsityConfig", "StaticMustafarCache",
+    "ATTENTION_NAME", "SETTINGS", "BitmapKV", "DenseStaticCache", "MustafarCache", "MustafarLayer", "SparsityConfig", "StaticMustafarCache",
     "available_backends", "bytes_per_token", "compress", "dense_bytes_per_token", "keep_count", "load_model",
     "mustafar_attention_forward", "parse_setting", "prune_output_aware", "prune_per_channel", "prune_per_token",
     "prune_think", "sparse_decode_attention",

@@ -1,0 +1,269 @@
+"""``DenseStaticCache``: the fair dense baseline of a graph-captured decode step.
+
+What a serving engine does with a dense KV cache, in transformers' ``Cache`` API:
+every layer preallocates ``[batch, kv_heads, max_tokens, head_dim]`` keys and
+values, writes each new token in place at a device-side position (``length``, an
+int64 device scalar advanced on the device), and its decode attention reads
+**exactly the tokens held**: SDPA (torch's default backend) over
+``keys[:, :, :L]``, grouped-query heads without repeating K and V, no mask. It
+is the reference row of every graph-mode benchmark (issue 14), where
+transformers' ``StaticCache`` attends over its whole capacity with a mask and
+repeats K and V per query head (not what a throughput-minded user runs).
+
+**CUDA graphs.** The slice length ``L`` is a host integer (SDPA's shapes must
+be static in a graph), taken from the host mirror of the token count when the
+step runs (or is captured). A captured step therefore attends to the ``L`` of
+its capture: capture one graph per decode step (what
+:func:`mustafar.bench.graph_decode` does for caches with
+``captures_length = True``, in one shared memory pool) and replay them in order.
+The device-side ``length`` only places the writes.
+
+Multi-token steps (the prefill, in one step or in chunks) are allowed until the
+first one-token step; each chunk attends to every token before it
+(:func:`mustafar.chunk_attention.chunk_attention`).
+
+Example::
+
+    >>> import torch, transformers, mustafar
+    >>> cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...                                num_key_value_heads=2, intermediate_size=128, vocab_size=128)
+    >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="mustafar")
+    >>> cache = mustafar.DenseStaticCache(cfg, batch_size=1, max_tokens=64)
+    >>> ids = torch.randint(128, (1, 20))
+    >>> logits = model(ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
+    >>> logits = model(logits[:, -1:].argmax(-1), past_key_values=cache, position_ids=torch.tensor([[20]])).logits
+    >>> int(cache.layers[0].length), cache.get_seq_length(), tuple(cache.layers[0].keys.shape)
+    (21, 21, (1, 2, 64, 16))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ._checks import CACHE_DTYPES, check_positive_int
+from .attention import Link, link_tensor
+from .cache import check_layer_idx
+from .cache_rules import pads_from_mask
+from .chunk_attention import chunk_attention
+
+__all__ = ["DenseStaticCache", "DenseStaticLayer"]
+
+_NO_EDITS = ("DenseStaticCache cannot crop or reorder batch rows: its buffers are allocated once for graph "
+             "replays; use transformers' DynamicCache")
+
+
+class DenseStaticLayer(CacheLayerMixin):
+    """One layer: ``keys`` / ``values`` ``[batch, kv_heads, max_tokens, head_dim]``, allocated at the first update.
+
+    Attributes:
+        keys, values: the preallocated buffers (token ``t`` at index ``t``); ``None`` before the first update.
+        length: int64 device scalar, tokens held (advanced on the device).
+        host_length: its host mirror (advanced by eager steps and captures, not by graph replays).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    captures_length = True
+
+    def __init__(self, max_tokens: int, layer_idx: int = 0, *, batch_size: int | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.max_tokens, self.layer_idx = max_tokens, layer_idx
+        self.expected_batch, self.expected_dtype = batch_size, dtype
+        self.length, self.host_length, self.decoding, self._unconsumed = None, 0, False, False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate ``keys``, ``values`` (``max_tokens``) and ``length`` like ``key_states``.
+
+        Raises:
+            ValueError: called while a CUDA graph is being captured (run the prefill eagerly first).
+        """
+        if key_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"DenseStaticCache layer {self.layer_idx} allocates its buffers at its first update: "
+                             "run the prefill eagerly before capturing a decode step in a CUDA graph")
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, kv_heads, self.max_tokens, head_dim)
+        self.values = torch.zeros_like(self.keys)
+        self.length = torch.zeros((), dtype=torch.int64, device=key_states.device)
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``n`` new tokens in place at the device-side ``length``; return the tokens held (views).
+
+        Raises:
+            ValueError: states that are not ``[batch, kv_heads, n, head_dim]`` alike (or contradict
+                ``batch_size`` / ``dtype`` / the buffers), more than ``max_tokens`` tokens, a multi-token
+                step after a one-token step, or the previous output not read by the ``"mustafar"`` attention.
+        """
+        if self._unconsumed:
+            raise ValueError(f"DenseStaticCache layer {self.layer_idx}: the previous update was not read by the "
+                             "'mustafar' attention; load the model with attn_implementation=\"mustafar\"")
+        self._check_states(key_states, value_states)
+        n = key_states.shape[2]
+        if self.host_length + n > self.max_tokens:
+            raise ValueError(f"DenseStaticCache holds max_tokens={self.max_tokens}, got {self.host_length} + {n} "
+                             "tokens")
+        if n > 1 and self.decoding:
+            raise ValueError("DenseStaticCache takes multi-token steps (the prefill, whole or chunked) only before "
+                             "the first one-token decode step")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self.length + torch.arange(n, device=self.device)
+        self.keys.index_copy_(2, positions, key_states)
+        self.values.index_copy_(2, positions, value_states)
+        self.length += n
+        first = self.host_length == 0
+        self.host_length += n
+        self.decoding = self.decoding or n == 1
+        held_k, held_v = self.keys[:, :, :self.host_length], self.values[:, :, :self.host_length]
+        if first and n > 1:  # the whole prompt in one step: transformers' SDPA path, as for any cache
+            held_k, held_v = key_states, value_states
+        link_tensor(held_k, Link(self, dense=first and n > 1))
+        self._unconsumed = True
+        return held_k, held_v
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, new in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(new, torch.Tensor) or new.dim() != 4:
+                raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
+                                 f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
+        if self.is_initialized:
+            b, h, _, d = self.keys.shape
+            shape, dtype = (b, h, d), self.dtype
+        else:
+            b, h, _, d = key_states.shape
+            shape, dtype = (self.expected_batch or b, h, d), self.expected_dtype or key_states.dtype
+        for name, new in (("key_states", key_states), ("value_states", value_states)):
+            if (new.shape[0], new.shape[1], new.shape[3]) != shape or new.dtype != dtype \
+                    or new.shape[2] != key_states.shape[2] or new.device != key_states.device:
+                raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}, n, {shape[2]}] {dtype} on one device, "
+                                 f"got {tuple(new.shape)} {new.dtype} {new.device}")
+        if self.is_initialized and key_states.device != self.device:
+            raise ValueError(f"key_states must be on {self.device}, got {key_states.device}")
+
+    def consume(self, module=None, attention_mask: torch.Tensor | None = None) -> None:
+        """Mark the last update as read by the ``"mustafar"`` attention.
+
+        Raises:
+            ValueError: the first prefill's ``attention_mask`` pads a row (this cache reads no mask).
+        """
+        self._unconsumed = False
+        tokens = self.host_length
+        prefill = attention_mask is not None and tokens > 1 and attention_mask.shape[-2] == tokens
+        if prefill and any(pads_from_mask(attention_mask, self.keys.shape[0], tokens)):
+            raise ValueError("DenseStaticCache does not support padded batches (its attention reads no mask)")
+
+    def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
+        """SDPA over exactly the tokens held (``key``/``value`` are the views :meth:`update` returned)."""
+        if query.shape[2] > 1:
+            return chunk_attention(query, key, value, scale)
+        return F.scaled_dot_product_attention(query, key, value, scale=scale,
+                                              enable_gqa=query.shape[1] != key.shape[1])
+
+    def bookkeeping_probe(self):
+        """A call doing this layer's per-step bookkeeping (the in-place K/V write) on scratch buffers."""
+        b, h, _, d = self.keys.shape
+        scratch = self.keys.new_zeros(2, b, h, 2, d)
+        new = self.keys.new_ones(2, b, h, 1, d)
+        length = torch.zeros((), dtype=torch.int64, device=self.device)
+
+        def write():
+            positions = length + torch.arange(1, device=self.device)
+            scratch[0].index_copy_(2, positions, new[0])
+            scratch[1].index_copy_(2, positions, new[1])
+            length.add_(1).remainder_(2)
+
+        return write
+
+    def get_seq_length(self) -> int:
+        """Tokens held (the host mirror)."""
+        return self.host_length
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.host_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: raises ``NotImplementedError``."""
+        raise NotImplementedError(_NO_EDITS)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported: raises ``NotImplementedError``."""
+        raise NotImplementedError(_NO_EDITS)
+
+    batch_select_indices = batch_repeat_interleave = reorder_cache
+
+    def reset(self) -> None:
+        """Empty the layer; its buffers are kept."""
+        self.host_length, self.decoding, self._unconsumed = 0, False, False
+        if self.is_initialized:
+            self.length.zero_()
+
+
+class DenseStaticCache(Cache):
+    """A preallocated dense KV cache with device-side writes and exact-length SDPA decode (see the module docstring).
+
+    Args:
+        config: the model's config, optional (``num_hidden_layers`` creates the layers up front).
+        batch_size: optional; if given, the first keys' batch must equal it.
+        max_tokens: prompt + generated tokens to hold (required).
+        dtype: optional; if given, the keys must have it.
+
+    Raises:
+        TypeError / ValueError: a missing or bad ``max_tokens``, ``batch_size`` or ``dtype``.
+    """
+
+    is_compileable = False
+    captures_length = True
+
+    def __init__(self, config=None, batch_size: int | None = None, max_tokens: int | None = None,
+                 dtype: torch.dtype | None = None):
+        if max_tokens is None:
+            raise TypeError("DenseStaticCache needs max_tokens: the prompt + generated tokens it must hold")
+        if dtype is not None and dtype not in CACHE_DTYPES:
+            raise TypeError(f"dtype must be None or one of {CACHE_DTYPES}, got {dtype!r}")
+        self.max_tokens = check_positive_int("max_tokens", max_tokens)
+        batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
+        self._expect = dict(batch_size=batch_size, dtype=dtype)
+        from .static_cache import _config_layers
+
+        super().__init__(layers=[self._new_layer(i) for i in range(_config_layers(config))])
+
+    def _new_layer(self, layer_idx: int) -> DenseStaticLayer:
+        return DenseStaticLayer(self.max_tokens, layer_idx, **self._expect)
+
+    def __repr__(self) -> str:
+        return f"DenseStaticCache(max_tokens={self.max_tokens}, layers={len(self.layers)})"
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write into layer ``layer_idx`` (created if needed); see :meth:`DenseStaticLayer.update`."""
+        layer_idx = check_layer_idx(layer_idx)
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def is_croppable(self) -> bool:
+        """``False``: no crops (assisted decoding checks it)."""
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: raises ``NotImplementedError``."""
+        raise NotImplementedError(_NO_EDITS)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported: raises ``NotImplementedError``."""
+        raise NotImplementedError(_NO_EDITS)
+
+    batch_select_indices = batch_repeat_interleave = reorder_cache
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of the K and V buffers, all layers (0 before the first update)."""
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers
+                   if layer.is_initialized)
