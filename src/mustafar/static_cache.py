@@ -18,8 +18,9 @@ the prefill must run eagerly, outside any CUDA graph capture.
 
 Use it in a manual loop (``model(input_ids, past_key_values=cache, position_ids=...)``; pass the
 positions explicitly, since graph replays do not advance the host-side token count):
-one multi-token prefill on an empty cache, then one-token decode steps. Padded
-batches, multi-token steps after the prefill, ``crop`` (hence assisted decoding:
+a prefill in one multi-token step or in several chunks (each chunk attends to every
+token before it, the older ones pruned as decoding reads them), then one-token decode
+steps. Padded batches, multi-token steps after the first decode step, ``crop`` (hence assisted decoding:
 ``is_croppable`` is False) and batch-row edits (``reorder_cache``: beam search) raise
 (``MustafarCache`` supports them).
 
@@ -49,7 +50,8 @@ from ._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from .attention import Link, link_tensor
 from .cache import check_backend, check_layer_idx
 from .cache_rules import pads_from_mask
-from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from .chunk_attention import chunk_attention
+from .format import BitmapKV, bytes_per_token, dense_bytes_per_token, expand
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
@@ -88,9 +90,9 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.key_sparsity, self.value_sparsity = key_sparsity, value_sparsity
         self.expected_batch, self.expected_dtype = batch_size, dtype
         self.expected_device_type = None if device is None else torch.device(device).type
-        self.key_store = self.value_store = self.length = None
+        self.key_store = self.value_store = self.length = self.counter = None
         self.host_length = 0  # mirror of `length` for eager callers; not advanced by graph replays
-        self._unconsumed = False
+        self.decoding = self._unconsumed = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate the ring, the stores (whole capacity) and ``length`` like ``key_states``.
@@ -110,17 +112,18 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.keys = torch.zeros(batch, kv_heads, self.window, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros((), dtype=torch.int64, device=device)
+        self.counter = torch.zeros((), dtype=torch.int32, device=device)  # of the fused bookkeeping kernel
         self.dtype, self.device, self.is_initialized = dtype, device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill (``n > 1`` tokens, empty cache: returns them dense) or one decode step (returns the ring).
+        """Prefill (``n > 1`` tokens: dense on an empty cache, else a chunk, see :meth:`_chunk`) or one decode step.
 
         The first update allocates the storage (:meth:`lazy_initialization`); a decode step after it
         allocates only per-token temporaries and reads nothing on the host.
 
         Raises:
             ValueError: the previous output was not read by the ``"mustafar"`` attention; states of another
-                shape, dtype or device type; a multi-token step on a non-empty cache; more tokens than ``max_tokens``.
+                shape, dtype or device type; a multi-token step after a one-token step; more tokens than ``max_tokens``.
         """
         if self._unconsumed:
             raise ValueError(f"StaticMustafarCache layer {self.layer_idx}: the previous update was not read by the "
@@ -134,19 +137,66 @@ class StaticMustafarLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if n > 1:
             return self._prefill(key_states, value_states)
-        static_evict(self.keys, self.key_store, self.length, self.backend)
-        static_evict(self.values, self.value_store, self.length, self.backend)
-        slot = (self.length % self.window).view(1)
-        self.keys.index_copy_(2, slot, key_states)
-        self.values.index_copy_(2, slot, value_states)
-        self.length += 1
+        self.decoding = True
+        self._bookkeeping(key_states, value_states)
         self.host_length += 1
         return self._linked(self.keys, self.values, dense=False)
 
+    @property
+    def fused(self) -> bool:
+        """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter)."""
+        from .launch.bookkeeping import fused_supported
+        from .ops import _resolve_backend, triton_available
+
+        return (self.is_initialized and triton_available() and fused_supported(self.keys)
+                and _resolve_backend(self.backend, self.device) != "torch")
+
+    def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
+                     state: tuple | None = None) -> None:
+        """Evict the oldest ring token into the store, write the new one, advance ``length`` (on the device).
+
+        One fused Triton launch where :attr:`fused`, else the unfused ops (the reference of the fused
+        kernel: bit-identical stores). ``state``: ``(keys, values, key_store, value_store, length,
+        counter)`` to work on instead of the layer's own (the benchmark's timer uses scratch copies).
+        """
+        keys, values, key_store, value_store, length, counter = state or (
+            self.keys, self.values, self.key_store, self.value_store, self.length, self.counter)
+        if self.fused:
+            from .launch.bookkeeping import fused_bookkeeping
+
+            fused_bookkeeping(key_states, value_states, keys, values, key_store, value_store, length, counter,
+                              advance)
+            return
+        static_evict(keys, key_store, length, self.backend)
+        static_evict(values, value_store, length, self.backend)
+        slot = (length % self.window).view(1)
+        keys.index_copy_(2, slot, key_states)
+        values.index_copy_(2, slot, value_states)
+        if advance:
+            length += 1
+
+    def bookkeeping_probe(self):
+        """A call doing one decode step's bookkeeping of this layer on scratch buffers of its shapes.
+
+        The scratch ring and one-granule stores hold copies of this layer's ring; ``length`` is set so
+        that every call compresses a token (the store row 0), so the work equals a real step's.
+        """
+        from .format import CAPACITY_GRANULE
+
+        b, h, w, d = self.keys.shape
+        stores = [BitmapKV.empty(b, h, d, store.sparsity, self.dtype, self.device, capacity=CAPACITY_GRANULE)
+                  for store in (self.key_store, self.value_store)]
+        length = torch.full((), w, dtype=torch.int64, device=self.device)
+        state = (self.keys.clone(), self.values.clone(), *stores, length, torch.zeros_like(self.counter))
+        new_k, new_v = self.keys[:, :, :1].clone(), self.values[:, :, :1].clone()
+        return lambda: self._bookkeeping(new_k, new_v, advance=False, state=state)
+
     def _prefill(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.decoding:
+            raise ValueError("StaticMustafarCache takes multi-token steps (the prefill, whole or chunked) only "
+                             "before the first one-token decode step; use MustafarCache for speculative decoding")
         if self.host_length:
-            raise ValueError("StaticMustafarCache takes a multi-token step only as the first (prefill) step; "
-                             "use MustafarCache for chunked prefill or speculative decoding")
+            return self._chunk(key_states, value_states)
         n = key_states.shape[2]
         stored = max(0, n - self.window)
         if stored:
@@ -158,6 +208,33 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.length.fill_(n)
         self.host_length = n
         return self._linked(key_states, value_states, dense=True)
+
+    def _chunk(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A prefill chunk on a partly filled cache: return every token held, the older ones as pruned.
+
+        The returned K and V (``[batch, kv_heads, held + n, head_dim]``) are the store's tokens
+        decompressed, the ring's in token order, then the chunk's own (dense); the attention reads them
+        with :func:`mustafar.chunk_attention.chunk_attention` (see :meth:`attend`). The tokens that
+        leave the window are pruned and compressed into the store; the ring keeps the last ``window``.
+        """
+        held, n, w = self.host_length, key_states.shape[2], self.window
+        stored, new_stored = max(0, held - w), max(0, held + n - w)
+        ring_slots = torch.arange(stored, held, device=self.device) % w
+        out = []
+        for ring, store, new in ((self.keys, self.key_store, key_states), (self.values, self.value_store,
+                                                                           value_states)):
+            values, bitmaps = store.storage
+            parts = [expand(values[:, :, :stored], bitmaps[:, :, :stored], store.head_dim)] if stored else []
+            everything = torch.cat(parts + [ring.index_select(2, ring_slots), new], dim=2)
+            if new_stored > stored:
+                store.append(everything[:, :, stored:new_stored])
+            first = max(new_stored, held)  # the ring's slots of tokens first .. held+n-1 take the new tokens
+            slots = torch.arange(first, held + n, device=self.device) % w
+            ring.index_copy_(2, slots, new[:, :, first - held:])
+            out.append(everything)
+        self.length.fill_(held + n)
+        self.host_length = held + n
+        return self._linked(out[0], out[1], dense=False)
 
     def _linked(self, keys, values, dense: bool):
         link_tensor(keys, Link(self, dense))
@@ -206,7 +283,9 @@ class StaticMustafarLayer(CacheLayerMixin):
                              "no mask): the prefill's attention_mask pads a row; use MustafarCache")
 
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
-        """Static decode attention (the mask is not read: no padding in this cache)."""
+        """Static decode attention, or a prefill chunk's (the mask is not read: no padding in this cache)."""
+        if query.shape[2] > 1:
+            return chunk_attention(query, key, value, scale)
         return static_decode_attention(query, self.key_store, self.value_store, self.keys, self.values,
                                        self.length, scale=scale, backend=self.backend)
 
@@ -233,7 +312,7 @@ class StaticMustafarLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Empty the cache; allocated storage is kept (same batch, heads, dtype and device next time)."""
         self.host_length = 0
-        self._unconsumed = False
+        self.decoding = self._unconsumed = False
         if self.is_initialized:
             self.length.zero_()
             self.key_store.truncate(0)

@@ -1,0 +1,88 @@
+"""One decode step's cache bookkeeping for a static compressed layer, K and V in one launch (``@triton.jit`` only).
+
+Per (batch, KV head) row, for K and for V: read the token count ``length`` on the
+device; if ``length >= w`` and the store row ``length - w`` exists, prune and
+compress the ring token in slot ``length % w`` (the one about to be overwritten)
+into that store row; then write the new token into the slot. The last program to
+finish (an atomic counter) advances ``length`` by one and resets the counter, so
+that every program reads the same ``length``. The selection is that of
+:mod:`mustafar.kernels.compress` (bisection over the bit pattern of ``|x|``,
+ties to the lower channel): bit-identical stores to the unfused path.
+Source of the pruning rule: Mustafar, arXiv 2505.22913.
+"""
+
+import triton
+import triton.language as tl
+
+from .compress import _magnitude_keys
+
+
+@triton.jit
+def _evict_and_write(
+    RING, s_rb, s_rh, s_rt, NEW, s_nb, s_nh, VALS, s_vb, s_vh, s_vt, BITS, s_bb, s_bh, s_bt,
+    b, h, row_ok, slot, store_row, active, k_keep,
+    D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, KEY_BITS: tl.constexpr,
+):
+    """Compress ring slot ``slot`` of rows ``(b, h)`` into store row ``store_row`` (where ``active``); write NEW."""
+    ch = tl.arange(0, DP)
+    ch_ok = ch < D
+    ok = row_ok[:, None] & ch_ok[None, :]
+    ring_ptr = RING + (b * s_rb + h * s_rh + slot * s_rt)[:, None] + ch[None, :]
+    x = tl.load(ring_ptr, mask=ok, other=0.0)
+    keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
+    threshold = tl.zeros(row_ok.shape, tl.int32)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1)
+        threshold = tl.where(count >= k_keep, candidate, threshold)
+    above = keys > threshold[:, None]
+    ties = (keys == threshold[:, None]).to(tl.int32)
+    room = k_keep - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
+    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    write = row_ok & active
+    v_ptr = VALS + (b * s_vb + h * s_vh + store_row * s_vt)[:, None] + position
+    tl.store(v_ptr, x, mask=keep & write[:, None])
+    bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
+    word_of = (ch // 32)[None, :]
+    words = tl.arange(0, NW32)
+    packed = tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
+    b_ptr = BITS + (b * s_bb + h * s_bh + store_row * s_bt)[:, None] + words[None, :]
+    tl.store(b_ptr, packed, mask=write[:, None])
+    tl.debug_barrier()  # every thread has read the slot before any overwrites it
+    new = tl.load(NEW + (b * s_nb + h * s_nh)[:, None] + ch[None, :], mask=ok, other=0.0)
+    tl.store(ring_ptr, new, mask=ok)
+
+
+@triton.jit
+def bookkeeping_kernel(
+    K_RING, s_krb, s_krh, s_krt, K_NEW, s_knb, s_knh,
+    K_VALS, s_kvb, s_kvh, s_kvt, K_BITS, s_kbb, s_kbh, s_kbt,
+    V_RING, s_vrb, s_vrh, s_vrt, V_NEW, s_vnb, s_vnh,
+    V_VALS, s_vvb, s_vvh, s_vvt, V_BITS, s_vbb, s_vbh, s_vbt,
+    LENGTH, COUNTER, kv_heads, n_rows, window, capacity, k_keep_k, k_keep_v,
+    D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ADVANCE: tl.constexpr,
+):
+    """``BLOCK_R`` (batch, KV head) rows per program; row ``r`` is (``r // kv_heads``, ``r % kv_heads``)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    b = rows // kv_heads
+    h = rows % kv_heads
+    length = tl.load(LENGTH)
+    slot = (length % window).to(tl.int32)
+    store_row = tl.maximum(length - window, 0)
+    # as a block of rows (the interpreter cannot mask with a scalar bool combined with a block)
+    active = (tl.zeros([BLOCK_R], tl.int32) + ((length >= window) & (length - window < capacity)).to(tl.int32)) != 0
+    store_row = tl.minimum(store_row, tl.maximum(capacity - 1, 0)).to(tl.int32)
+    _evict_and_write(K_RING, s_krb, s_krh, s_krt, K_NEW, s_knb, s_knh, K_VALS, s_kvb, s_kvh, s_kvt,
+                     K_BITS, s_kbb, s_kbh, s_kbt, b, h, row_ok, slot, store_row, active, k_keep_k,
+                     D, DP, NW32, KEY_BITS)
+    _evict_and_write(V_RING, s_vrb, s_vrh, s_vrt, V_NEW, s_vnb, s_vnh, V_VALS, s_vvb, s_vvh, s_vvt,
+                     V_BITS, s_vbb, s_vbh, s_vbt, b, h, row_ok, slot, store_row, active, k_keep_v,
+                     D, DP, NW32, KEY_BITS)
+    if ADVANCE:
+        done = tl.atomic_add(COUNTER, 1)
+        last = done == tl.num_programs(0) - 1
+        tl.store(LENGTH, length + 1, mask=last)
+        tl.store(COUNTER, 0, mask=last)
