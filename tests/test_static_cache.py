@@ -102,7 +102,9 @@ def test_static_bad_inputs():
         mustafar.StaticMustafarCache(cfg, 1, 10, key_sparsity=1.0)
     cache = mustafar.StaticMustafarCache(cfg, 1, 12, window=4, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        model(torch.randint(128, (1, 10)), past_key_values=cache, cache_position=torch.arange(10))
+        model(torch.randint(128, (1, 9)), past_key_values=cache, cache_position=torch.arange(9))
+        model(torch.randint(128, (1, 1)), past_key_values=cache, cache_position=torch.arange(9, 10))
+        # multi-token steps are prefill chunks (issue 14): refused after the first decode step
         with pytest.raises(ValueError, match="prefill"):
             model(torch.randint(128, (1, 2)), past_key_values=cache, cache_position=torch.arange(10, 12))
         with pytest.raises(ValueError, match="max_tokens"):

@@ -306,6 +306,8 @@ def bench(
     capacity_prefill: str = typer.Option("one", help="Capacity probes: 'one' prefills one sequence and repeats its "
                                          "cache to the batch (the cache bounds the batch), 'batch' prefills the "
                                          "whole batch (its activations can bound it first); graph mode: always batch."),
+    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", min=1, help="Prefill (cases and capacity "
+                                             "probes) in chunks of this many tokens.", show_default="one step"),
     out: Path = typer.Option(Path("mustafar-bench"), help="Directory for bench.json / capacity.json and the plots."),
     device: str | None = typer.Option(None, help="Torch device.", show_default="cuda if available, else cpu"),
     window: int = WindowOption,
@@ -330,7 +332,7 @@ def bench(
     lists = {"batches": (batches, int), "prompts": (prompts, int), "settings": (settings, str), "modes": (modes, str)}
     given = {name: tuple(_split(text, name, kind)) for name, (text, kind) in lists.items() if text is not None}
     given.update({k: v for k, v in dict(shape=shape, layers=layers, new_tokens=new_tokens, budget_gib=budget_gib,
-                                         device=device).items() if v is not None})
+                                         device=device, prefill_chunk=prefill_chunk).items() if v is not None})
     try:
         config = BenchConfig(**{**(QUICK if quick else {}), **given, "window": window, "chunk": chunk, "seed": seed,
                                 "capacity": capacity, "capacity_prefill": capacity_prefill})

@@ -1,4 +1,4 @@
-"""Breakdown of one decode step into attention, compression and the rest.
+"""Breakdown of one decode step into attention, bookkeeping (compression included) and the rest.
 
 Method (all times in ms per decode step, whole model):
 
@@ -18,8 +18,14 @@ Method (all times in ms per decode step, whole model):
    ``chunk`` tokens every ``chunk`` steps, ``StaticMustafarCache`` one token per
    step), timed the same way, times the calls per step, times the layer count.
    Zero for dense caches.
-3. **Rest** = measured step time - attention - compression: projections, MLP,
-   norms, RoPE, the cache update, sampling, and (eager) launch and Python overhead.
+3. **Bookkeeping.** All of a layer's per-step cache work besides attention
+   (:func:`mustafar.bench.caches.bookkeeping_op`): for the static caches the
+   in-place write of the new token (dense) or the fused evict + compress + ring
+   write (sparse; one launch per layer), run on scratch buffers of the cache's
+   shapes; for ``MustafarCache`` its compression (2.). Times the layer count.
+4. **Rest** = measured step time - attention - bookkeeping: projections, MLP,
+   norms, RoPE, sampling, and (eager) launch and Python overhead (and, for
+   ``MustafarCache``, the update's concatenation).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from contextlib import contextmanager
 from transformers import AttentionInterface
 
 from ..attention import ATTENTION_NAME
-from .caches import compress_op
+from .caches import bookkeeping_op, compress_op
 from .timing import Clock
 
 __all__ = ["recorded_attention", "step_breakdown"]
@@ -59,7 +65,7 @@ def recorded_attention(layer_idx: int = 0, name: str = ATTENTION_NAME) -> Iterat
 
 def step_breakdown(model, cache, setting, batch: int, step: Callable[[], object], step_ms: float, clock: Clock,
                    graph: bool = False, repeats: int = 20) -> dict:
-    """``{attention_ms, compression_ms, rest_ms, layers, compress_tokens_per_call}`` for one decode step.
+    """``{attention_ms, compression_ms, bookkeeping_ms, rest_ms, layers, ...}`` for one decode step.
 
     ``step()`` runs one more eager decode step on ``cache`` (it may grow by one
     token); ``step_ms`` is the measured time of a decode step; ``graph``: time the
@@ -75,10 +81,13 @@ def step_breakdown(model, cache, setting, batch: int, step: Callable[[], object]
     attention_ms = clock.op_ms(lambda: function(module, *args, **kwargs), repeats, graph) * layers
     op = compress_op(cache, setting, batch, model)
     compression_ms = 0.0 if op is None else clock.op_ms(op.run, repeats, graph) * op.per_step * layers
+    keeping = bookkeeping_op(cache, setting, batch, model)
+    bookkeeping_ms = 0.0 if keeping is None else clock.op_ms(keeping.run, repeats, graph) * keeping.per_step * layers
     return {
         "attention_ms": attention_ms,
         "compression_ms": compression_ms,
-        "rest_ms": step_ms - attention_ms - compression_ms,
+        "bookkeeping_ms": bookkeeping_ms,
+        "rest_ms": step_ms - attention_ms - bookkeeping_ms,
         "layers": layers,
         "compress_tokens_per_call": None if op is None else op.tokens_per_call,
         "timed_as": "cuda-graph replay" if graph and clock.cuda else "cuda events" if clock.cuda else "wall clock",

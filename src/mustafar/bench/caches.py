@@ -5,8 +5,13 @@ Modes (one cache class per mode and setting):
 - ``"generate"``: eager ``model.generate()``; dense = transformers' ``DynamicCache``
   (SDPA), sparse = :class:`mustafar.MustafarCache`.
 - ``"graph"``: the graph-captured decode loop of :mod:`mustafar.bench.decode`;
-  dense = transformers' ``StaticCache``, sparse = :class:`mustafar.StaticMustafarCache`
-  (built only in :func:`static_sparse_cache`, the one place that knows it).
+  dense = :class:`mustafar.DenseStaticCache` (the fair baseline: in-place writes, SDPA over
+  exactly the tokens held, GQA without repeating K and V), sparse =
+  :class:`mustafar.StaticMustafarCache` (built only in :func:`static_sparse_cache`, the one
+  place that knows it). transformers' ``StaticCache`` (which attends over its whole capacity
+  with a mask and repeats K and V per query head) is not a row of the benchmark.
+
+Eager rows are compared with eager rows and graph rows with graph rows, never across.
 
 Example::
 
@@ -24,14 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from ..cache import MustafarCache
 from ..config import SparsityConfig
+from ..dense_static_cache import DenseStaticCache
 from ..format import num_words
 from ..pruning import keep_count
 
-__all__ = ["MODES", "make_cache", "static_sparse_cache", "kv_stats", "CompressOp", "compress_op"]
+__all__ = ["MODES", "make_cache", "static_sparse_cache", "kv_stats", "CompressOp", "compress_op", "bookkeeping_op"]
 
 #: Decode modes of the benchmark.
 MODES = ("generate", "graph")
@@ -66,7 +72,7 @@ def make_cache(mode: str, setting: SparsityConfig, model, batch: int, max_tokens
         return DynamicCache() if setting.is_dense else MustafarCache.from_config(setting, backend=backend)
     if mode == "graph":
         if setting.is_dense:
-            return StaticCache(config=model.config, max_cache_len=max_tokens)
+            return DenseStaticCache(model.config, batch_size=batch, max_tokens=max_tokens, dtype=model.dtype)
         return static_sparse_cache(model, setting, batch, max_tokens, backend)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -150,3 +156,17 @@ def _chunk_compress_op(setting: SparsityConfig, batch: int, model, backend: str)
             compress_into(rows, sparsity, values, bitmaps, 0, backend)
 
     return CompressOp(run, per_step=1.0 / setting.chunk, tokens_per_call=setting.chunk)
+
+
+def bookkeeping_op(cache, setting: SparsityConfig, batch: int, model) -> CompressOp | None:
+    """All the per-step cache work of one layer besides attention, as a :class:`CompressOp`.
+
+    Static caches (dense and sparse) time their own ``bookkeeping_probe`` (the in-place write;
+    for the sparse one the fused evict + compress + ring write, or the unfused ops where the fused
+    kernel does not run) on scratch buffers; ``MustafarCache``'s is its chunk compression
+    (:func:`compress_op`; the update's concatenation is in the rest); None for transformers' caches.
+    """
+    layer = cache.layers[0] if getattr(cache, "layers", None) else None
+    if layer is not None and hasattr(layer, "bookkeeping_probe"):
+        return CompressOp(layer.bookkeeping_probe(), per_step=1.0, tokens_per_call=1)
+    return compress_op(cache, setting, batch, model)

@@ -13,8 +13,9 @@ does): the cache's bytes do not depend on the tokens, and the prefill's
 activations are then those of one sequence, as in a serving engine that
 prefills sequences one at a time or in chunks; otherwise (``"batch"``, and
 always in ``graph`` mode, whose static caches are sized for the batch) the
-whole batch is prefilled at once, and its activations can bound the batch
-before the cache does. Without device memory counters (a CPU) a batch fits when
+whole batch is prefilled, and its activations can bound the batch before the
+cache does, unless it is prefilled in chunks (``chunk``: the activations are then
+those of ``batch * chunk`` tokens, as in a serving engine's chunked prefill). Without device memory counters (a CPU) a batch fits when
 its prediction is within the budget, with no slack, and the probe says so. It
 fits when it raised no out-of-memory error and the peak allocated bytes
 (weights included) stayed within the budget. A batch predicted
@@ -103,7 +104,8 @@ def prefill_kind(mode: str, prefill: str) -> str:
 
 
 def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps: int, seed: int = 0,
-               slack: float = 0.25, backend: str = "auto", prefill: str = "one") -> Callable[[int], Probe]:
+               slack: float = 0.25, backend: str = "auto", prefill: str = "one",
+               chunk: int | None = None) -> Callable[[int], Probe]:
     """A probe ``batch -> Probe`` for ``model`` on its (CUDA) device; see the module docstring.
 
     Args:
@@ -112,6 +114,7 @@ def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps:
         budget_bytes: the memory budget, weights included.
         slack: run a batch only if predicted <= ``budget * (1 + slack)``.
         prefill: ``"one"`` or ``"batch"`` (see the module docstring; graph mode always ``"batch"``).
+        chunk: prefill in chunks of this many tokens (None: one step), see :func:`mustafar.bench.decode.prefill`.
 
     Raises:
         ValueError: ``prefill`` not in :data:`PREFILLS`.
@@ -122,11 +125,12 @@ def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps:
 
     def probe(batch: int) -> Probe:
         predicted = weights + predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype,
-                                            prefill_batch=1 if one else None)["total"]
+                                            prefill_batch=1 if one else None, chunk=chunk)["total"]
         # without device memory counters (a CPU) the prediction is all there is: no slack then
         if predicted > budget_bytes * (1 + (slack if clock.cuda else 0)):
             return Probe(batch, False, None, f"predicted {gib(predicted)} > budget {gib(budget_bytes)}")
-        probe_result = _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one)
+        probe_result = _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one,
+                                  chunk)
         if probe_result.peak_bytes is None and probe_result.fits:
             return Probe(batch, True, None, f"predicted {gib(predicted)} <= budget (not measured: no device memory "
                                             f"counters on {model.device.type})")
@@ -141,14 +145,15 @@ def oom_reason(error: BaseException) -> str:
     return f"out of memory (tried to allocate {match[1]})" if match else f"out of memory: {str(error)[:_REASON_CHARS]}"
 
 
-def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one) -> Probe:
+def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, clock, backend, one,
+               chunk=None) -> Probe:
     clock.fresh()
     total = clock.total_bytes()
     if clock.cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), model.device)
     error = ""
     try:
-        _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one)
+        _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one, chunk)
     except torch.cuda.OutOfMemoryError as oom:
         error = oom_reason(oom)
     finally:
@@ -163,12 +168,12 @@ def _run_probe(model, setting, mode, batch, prompt, steps, budget_bytes, seed, c
 
 
 @torch.inference_mode()
-def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one) -> None:
+def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backend, one, chunk=None) -> None:
     generator = torch.Generator().manual_seed(seed)
     rows = 1 if one else batch
     ids = torch.randint(model.config.vocab_size, (rows, prompt), generator=generator).to(model.device)
     cache = make_cache(mode, setting, model, rows, prompt + steps + 1, backend)
-    first = prefill(model, cache, ids)
+    first = prefill(model, cache, ids, chunk)
     del ids
     if one and batch > 1:
         cache.batch_repeat_interleave(batch)

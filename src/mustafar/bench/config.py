@@ -64,6 +64,9 @@ class BenchConfig:
         capacity_prefill: ``"one"`` (prefill one sequence and repeat its cache to the batch, so
             that the cache, not one huge prefill, bounds the batch) or ``"batch"``; graph mode
             always prefills the batch.
+        prefill_chunk: prefill every case (and capacity probe) in chunks of this many tokens,
+            each attending to everything before it, so that a batch's prefill activations are
+            those of ``batch * prefill_chunk`` tokens; None: one step for the whole prompt.
     """
 
     shape: str = "llama3-8b"
@@ -93,6 +96,7 @@ class BenchConfig:
     capacity_slack: float = 0.25
     max_batch: int = 4096
     capacity_prefill: str = "one"
+    prefill_chunk: int | None = None
     sparsity: tuple[SparsityConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -122,6 +126,8 @@ class BenchConfig:
             _positive_ints("memory_limit_bytes", (self.memory_limit_bytes,))
         if self.budget_gib is not None and not (isinstance(self.budget_gib, (int, float)) and self.budget_gib > 0):
             raise ValueError(f"budget_gib must be a positive number of GiB or None, got {self.budget_gib!r}")
+        if self.prefill_chunk is not None:
+            _positive_ints("prefill_chunk", (self.prefill_chunk,))
         if self.capacity_prefill not in PREFILLS:
             raise ValueError(f"capacity_prefill must be one of {PREFILLS}, got {self.capacity_prefill!r}")
         if not (isinstance(self.capacity_slack, (int, float)) and self.capacity_slack >= 0):

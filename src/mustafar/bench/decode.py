@@ -1,7 +1,7 @@
 """Greedy decoding loops that the benchmark times: a graph-captured loop and eager ``generate()``.
 
-:func:`graph_decode` is a manual loop over a static cache (transformers'
-``StaticCache`` or :class:`mustafar.StaticMustafarCache`): one eager prefill,
+:func:`graph_decode` is a manual loop over a static cache (:class:`mustafar.DenseStaticCache`,
+:class:`mustafar.StaticMustafarCache`, or transformers' ``StaticCache``): one eager prefill,
 then one-token decode steps whose inputs live in static device buffers (token
 ids ``[batch, 1]``, position ``[1, 1]``) updated in place on the device (argmax,
 ``+= 1``), so the step has static shapes, no host synchronisation, and can be
@@ -105,13 +105,25 @@ def _check_prompt(prompt_ids: object, new_tokens: object, warmup_steps: int) -> 
                          f"decode step at least), got {new_tokens!r}")
 
 
-def prefill(model, cache, prompt_ids: torch.Tensor) -> torch.Tensor:
+def prefill(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Run the prompt ``[batch, L]`` through ``model`` into ``cache``; return the first tokens ``[batch, 1]``.
 
-    Only the last position's logits are computed (``logits_to_keep=1``).
+    ``chunk``: prefill in steps of at most ``chunk`` tokens (positions passed explicitly), each
+    attending to every token before it, so that the activations are those of ``batch * chunk``
+    tokens; None (or ``chunk >= L``): one step. Only the last position's logits are computed
+    (``logits_to_keep=1``).
     """
-    logits = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
-    return logits[:, -1].argmax(-1, keepdim=True)
+    length, kwargs = prompt_ids.shape[1], cache_kwargs(model, cache)
+    if chunk is None or chunk >= length:
+        logits = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **kwargs).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+    for start in range(0, length, chunk):
+        ids = prompt_ids[:, start:start + chunk]
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs).logits
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        del logits
+    return first
 
 
 class DecodeStep:
@@ -136,7 +148,8 @@ class DecodeStep:
 
 @torch.inference_mode()
 def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, capture: bool | None = None,
-                 warmup_steps: int = 2, breakdown=None, sdpa_backends=None) -> tuple[torch.Tensor, DecodeTimings]:
+                 warmup_steps: int = 2, breakdown=None, sdpa_backends=None,
+                 prefill_chunk: int | None = None) -> tuple[torch.Tensor, DecodeTimings]:
     """Greedy-decode ``new_tokens`` tokens after ``prompt_ids`` through a static ``cache``.
 
     Args:
@@ -151,6 +164,12 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
             with an eager step function (see :func:`mustafar.bench.breakdown.step_breakdown`).
         sdpa_backends: ``torch.nn.attention.SDPBackend`` list allowed in the decode steps (not the
             prefill); None: torch's choice.
+        prefill_chunk: prefill in chunks of this many tokens (see :func:`prefill`); None: one step.
+
+    Caches with ``captures_length = True`` (:class:`mustafar.DenseStaticCache`, whose attention
+    reads the host-side length) get one graph per timed step, captured ahead in one memory pool and
+    replayed in order, so that every step attends to exactly the tokens held; other static caches
+    read the length on the device and get one graph replayed for every step.
 
     Returns:
         ``(tokens [batch, new_tokens] int64, DecodeTimings)``.
@@ -163,12 +182,13 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
     capture = clock.cuda if capture is None else bool(capture)
     if capture and not clock.cuda:
         raise ValueError(f"capture=True needs CUDA tensors, got prompt_ids on {prompt_ids.device}")
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids))
+    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids, prefill_chunk))
     step = DecodeStep(model, cache, first, prompt_ids.shape[1], new_tokens)
+    timed = new_tokens - 1 - warmup_steps
+    graphs = timed if getattr(cache, "captures_length", False) else 1
     with _sdpa(sdpa_backends):
         _, warmup_ms = clock.wall_ms(lambda: _warm_up(step, warmup_steps, capture))
-        run, capture_ms = clock.wall_ms(lambda: _capture(step) if capture else step)
-        timed = new_tokens - 1 - warmup_steps
+        run, capture_ms = clock.wall_ms(lambda: _capture(step, graphs) if capture else step)
         _, decode_ms = clock.wall_ms(lambda: [run() for _ in range(timed)])
         timings = DecodeTimings(prompt_ids.shape[0], prefill_ms, decode_ms, timed, warmup_ms, capture_ms, capture)
         if breakdown is not None:
@@ -190,16 +210,24 @@ def _warm_up(step: DecodeStep, steps: int, side_stream: bool) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def _capture(step: DecodeStep):
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+def _capture(step: DecodeStep, count: int = 1):
+    """A function replaying ``count`` captured steps in order (cycling), all in one memory pool."""
+    graphs, pool = [], None
+    for _ in range(count):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        pool = graph.pool()
+        graphs.append(graph)
+    if count == 1:
+        return graphs[0].replay
+    turn = iter(range(1 << 62))
+    return lambda: graphs[next(turn) % count].replay()
 
 
 @torch.inference_mode()
 def generate_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, breakdown=None,
-                    sdpa_backends=None) -> tuple[torch.Tensor, DecodeTimings]:
+                    sdpa_backends=None, prefill_chunk: int | None = None) -> tuple[torch.Tensor, DecodeTimings]:
     """Greedy-decode with eager ``model.generate()``, the prompt prefilled into ``cache`` first (timed apart).
 
     ``generate`` gets the prompt and the first token with ``cache`` holding the
@@ -209,7 +237,7 @@ def generate_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, bre
     """
     _check_prompt(prompt_ids, new_tokens, 0)
     clock = Clock(prompt_ids.device)
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids))
+    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids, prefill_chunk))
     ids, kwargs = torch.cat([prompt_ids, first], dim=1), cache_kwargs(model, cache)
     with _sdpa(sdpa_backends):
         out, decode_ms = clock.wall_ms(lambda: model.generate(

@@ -16,9 +16,10 @@ prefill. The model (weights excluded: they are already resident):
   output) and the fp32 RMSNorm temporaries (``3 * hidden`` fp32), times
   ``batch * prompt`` tokens.
 - **Transients of one layer**: the dense K and V of the prompt that a cache
-  copies during prefill (twice: the states and the copy), and, for a dense
-  static cache, K and V repeated to every query head for SDPA with a mask
-  (``repeat_kv``: transformers does it whenever the decode mask is materialised).
+  copies during prefill (twice: the states and the copy; for a chunked prefill
+  of a static sparse cache, the decompressed K and V of every token held), and
+  for a chunked prefill transformers' bool mask (``batch * chunk * prompt``
+  bytes). Prefill activations then count ``batch * chunk`` tokens.
 
 It is an estimate (a few per cent); a case predicted to fit that runs out of
 memory anyway is recorded as skipped with the error.
@@ -67,7 +68,8 @@ def _activation_bytes_per_token(dims: dict, itemsize: int) -> int:
 
 
 def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, prompt: int, new_tokens: int,
-                  dtype: torch.dtype = torch.float16, prefill_batch: int | None = None) -> dict:
+                  dtype: torch.dtype = torch.float16, prefill_batch: int | None = None,
+                  chunk: int | None = None) -> dict:
     """Predicted peak bytes of a case beyond the weights: ``{"kv", "prefill", "decode", "total"}``.
 
     ``total = kv + max(prefill, decode)``: the full cache, plus the larger of the
@@ -80,6 +82,7 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
         dtype: the model's dtype.
         prefill_batch: sequences prefilled at once (None: ``batch``); the capacity search's
             one-sequence prefill passes 1.
+        chunk: prefill chunk in tokens (None: the whole prompt at once).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     tokens = prompt + new_tokens
@@ -87,8 +90,9 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
     rows = batch if prefill_batch is None else min(prefill_batch, batch)
     layer_kv = 2 * batch * dims["kv_heads"] * tokens * dims["head_dim"] * itemsize
     logits = 2 * batch * dims["vocab"] * _FP32_BYTES
-    prefill = rows * prompt * _activation_bytes_per_token(dims, itemsize) + 2 * layer_kv * rows // batch + logits
+    step = prompt if chunk is None else min(chunk, prompt)
+    prefill = rows * step * _activation_bytes_per_token(dims, itemsize) + 2 * layer_kv * rows // batch + logits
+    if step < prompt:  # later chunks: transformers' bool mask over every token held
+        prefill += rows * step * prompt
     decode = logits
-    if setting.is_dense and mode == "graph":
-        decode += layer_kv * (dims["q_heads"] // dims["kv_heads"])
     return {"kv": kv, "prefill": prefill, "decode": decode, "total": kv + max(prefill, decode)}

@@ -71,9 +71,10 @@ def summary_line(row: dict) -> str:
     breakdown = row.get("breakdown")
     if breakdown:
         rest = breakdown["rest_ms"]
+        keeping = breakdown.get("bookkeeping_ms", breakdown["compression_ms"])
         rest_text = f"{rest:.2f} ms" if rest >= 0 else (
-            f"n/a (attention and compression timed alone exceed the step by {-rest:.2f} ms)")
-        parts.append(f"attention {breakdown['attention_ms']:.2f} / compression {breakdown['compression_ms']:.2f}"
+            f"n/a (attention and bookkeeping timed alone exceed the step by {-rest:.2f} ms)")
+        parts.append(f"attention {breakdown['attention_ms']:.2f} / bookkeeping {keeping:.2f}"
                      f" / rest {rest_text}")
     return f"{head} " + ", ".join(parts)
 

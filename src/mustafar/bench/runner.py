@@ -77,7 +77,7 @@ def _skip(row: dict, reason: str) -> dict:
 def _fits(ctx: _Context, row: dict, setting) -> str | None:
     """The reason a case cannot run, or None."""
     predicted = predict_bytes(ctx.dims, setting, row["mode"], row["batch"], row["prompt"],
-                              ctx.config.new_tokens, ctx.model.dtype)["total"]
+                              ctx.config.new_tokens, ctx.model.dtype, chunk=ctx.config.prefill_chunk)["total"]
     row["predicted_bytes"] = predicted
     available = ctx.available_bytes()
     row["available_bytes"] = available
@@ -103,7 +103,7 @@ def _ttft_ms(ctx: _Context, mode: str, setting, ids: torch.Tensor, max_tokens: i
     for _ in range(ctx.config.ttft_repeats - 1):
         cache = make_cache(mode, setting, ctx.model, ids.shape[0], max_tokens, ctx.config.backend)
         with torch.inference_mode():
-            times.append(ctx.clock.wall_ms(lambda: prefill(ctx.model, cache, ids))[1])
+            times.append(ctx.clock.wall_ms(lambda: prefill(ctx.model, cache, ids, ctx.config.prefill_chunk))[1])
         del cache
     return times
 
@@ -120,10 +120,11 @@ def _run(ctx: _Context, row: dict, setting, ids: torch.Tensor) -> dict:
 
     if mode == "graph":
         tokens, timings = graph_decode(model, cache, ids, config.new_tokens, config.capture, config.warmup_steps,
-                                       breakdown)
+                                       breakdown, prefill_chunk=config.prefill_chunk)
     else:
         backends = None if config.generate_cudnn or not clock.cuda else _NOT_CUDNN
-        tokens, timings = generate_decode(model, cache, ids, config.new_tokens, breakdown, backends)
+        tokens, timings = generate_decode(model, cache, ids, config.new_tokens, breakdown, backends,
+                                          prefill_chunk=config.prefill_chunk)
     peak = clock.peak_bytes()
     stats = kv_stats(cache)
     del cache, tokens
@@ -187,12 +188,13 @@ def run_capacity(ctx: _Context, probe_factory=None) -> list[dict]:
         raise ValueError("budget_gib must be given on a device without a known memory size (e.g. a CPU)")
     factory = probe_factory or (lambda setting, mode, prompt, budget_bytes: make_probe(
         ctx.model, setting, mode, prompt, budget_bytes, config.capacity_steps, config.seed, config.capacity_slack,
-        config.backend, config.capacity_prefill))
+        config.backend, config.capacity_prefill, config.prefill_chunk))
     rows = []
     for mode in config.modes:
         for prompt in config.prompts:
             row = {"mode": mode, "prompt": prompt, "budget_bytes": budget,
-                   "prefill": prefill_kind(mode, config.capacity_prefill), "settings": {}}
+                   "prefill": prefill_kind(mode, config.capacity_prefill), "prefill_chunk": config.prefill_chunk,
+                   "settings": {}}
             for setting in config.sparsity:
                 best, probes = find_max_batch(factory(setting, mode, prompt, budget), config.max_batch)
                 measured = all(p.peak_bytes is not None for p in probes if p.fits)
