@@ -224,8 +224,10 @@ class StaticMustafarLayer(CacheLayerMixin):
         for ring, store, new in ((self.keys, self.key_store, key_states), (self.values, self.value_store,
                                                                            value_states)):
             values, bitmaps = store.storage
-            parts = [expand(values[:, :, :stored], bitmaps[:, :, :stored], store.head_dim)] if stored else []
-            everything = torch.cat(parts + [ring.index_select(2, ring_slots), new], dim=2)
+            everything = torch.empty(*new.shape[:2], held + n, new.shape[3], dtype=new.dtype, device=self.device)
+            _expand_into(values[:, :, :stored], bitmaps[:, :, :stored], everything[:, :, :stored], self.fused)
+            everything[:, :, stored:held] = ring.index_select(2, ring_slots)
+            everything[:, :, held:] = new
             if new_stored > stored:
                 store.append(everything[:, :, stored:new_stored])
             first = max(new_stored, held)  # the ring's slots of tokens first .. held+n-1 take the new tokens
@@ -424,6 +426,18 @@ class StaticMustafarCache(Cache):
         """Bytes allocated (stores for ``max_tokens`` + rings), all layers; 0 before the prefill."""
         return self._bytes(lambda layer: layer.key_store.allocated_nbytes + layer.value_store.allocated_nbytes
                            + 2 * layer.keys.numel() * layer.keys.element_size())
+
+
+def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor, triton: bool) -> None:
+    """Decompress store rows into ``out`` (the Triton kernel where it runs, else :func:`mustafar.format.expand`)."""
+    if out.shape[2] == 0:
+        return
+    if triton:
+        from .launch.expand import expand_triton
+
+        expand_triton(values, bitmaps, out)
+        return
+    out.copy_(expand(values, bitmaps, out.shape[3]))
 
 
 def _config_layers(config) -> int:
