@@ -117,7 +117,7 @@ class DenseStaticLayer(CacheLayerMixin):
         self.length += n
         first = self.host_length == 0
         self.host_length += n
-        self.decoding = self.decoding or n == 1
+        self.decoding = self.decoding or (n == 1 and not first)  # one token on an empty cache: a prefill
         held_k, held_v = self.keys[:, :, :self.host_length], self.values[:, :, :self.host_length]
         if first and n > 1:  # the whole prompt in one step: transformers' SDPA path, as for any cache
             held_k, held_v = key_states, value_states

@@ -137,7 +137,7 @@ class StaticMustafarLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if n > 1:
             return self._prefill(key_states, value_states)
-        self.decoding = True
+        self.decoding = self.decoding or self.host_length > 0  # one token on an empty cache: a prefill
         self._bookkeeping(key_states, value_states)
         self.host_length += 1
         return self._linked(self.keys, self.values, dense=False)
