@@ -82,7 +82,8 @@ def step_breakdown(model, cache, setting, batch: int, step: Callable[[], object]
     op = compress_op(cache, setting, batch, model)
     compression_ms = 0.0 if op is None else clock.op_ms(op.run, repeats, graph) * op.per_step * layers
     keeping = bookkeeping_op(cache, setting, batch, model)
-    bookkeeping_ms = 0.0 if keeping is None else clock.op_ms(keeping.run, repeats, graph) * keeping.per_step * layers
+    bookkeeping_ms = compression_ms if keeping is None else (clock.op_ms(keeping.run, repeats, graph)
+                                                             * keeping.per_step * layers)
     return {
         "attention_ms": attention_ms,
         "compression_ms": compression_ms,

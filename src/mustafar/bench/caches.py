@@ -159,14 +159,15 @@ def _chunk_compress_op(setting: SparsityConfig, batch: int, model, backend: str)
 
 
 def bookkeeping_op(cache, setting: SparsityConfig, batch: int, model) -> CompressOp | None:
-    """All the per-step cache work of one layer besides attention, as a :class:`CompressOp`.
+    """The per-step cache work of one layer besides attention of a static cache, as a :class:`CompressOp`.
 
-    Static caches (dense and sparse) time their own ``bookkeeping_probe`` (the in-place write;
+    Static caches (dense and sparse) give their own ``bookkeeping_probe`` (the in-place write;
     for the sparse one the fused evict + compress + ring write, or the unfused ops where the fused
-    kernel does not run) on scratch buffers; ``MustafarCache``'s is its chunk compression
-    (:func:`compress_op`; the update's concatenation is in the rest); None for transformers' caches.
+    kernel does not run) on scratch buffers. None for other caches: ``MustafarCache``'s bookkeeping
+    is its compression (:func:`compress_op`; the update's concatenation is in the rest), and
+    transformers' caches have none apart from their update.
     """
     layer = cache.layers[0] if getattr(cache, "layers", None) else None
     if layer is not None and hasattr(layer, "bookkeeping_probe"):
         return CompressOp(layer.bookkeeping_probe(), per_step=1.0, tokens_per_call=1)
-    return compress_op(cache, setting, batch, model)
+    return None

@@ -1,0 +1,129 @@
+"""``mustafar bench`` against the fair dense baseline (issue 14): graph-mode caches, breakdown, chunked prefill."""
+
+import json
+
+import pytest
+import torch
+
+import mustafar
+from mustafar.bench import run_bench
+from mustafar.bench.caches import bookkeeping_op, make_cache
+from mustafar.bench.config import BenchConfig
+from mustafar.bench.decode import graph_decode
+from mustafar.bench.memory import predict_bytes
+from mustafar.bench.models import build_config, build_model, model_dims
+
+SMALL = dict(shape="tiny", batches=(1,), prompts=(48,), new_tokens=5, window=8, chunk=16, device="cpu",
+             dtype="float32", warmup=False, ttft_repeats=1, op_repeats=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny", dtype="float32", device="cpu")
+
+
+def test_graph_mode_dense_row_is_the_fair_cache(model):
+    dense = make_cache("graph", mustafar.parse_setting("dense"), model, 2, 64)
+    assert isinstance(dense, mustafar.DenseStaticCache) and dense.captures_length
+    sparse = make_cache("graph", mustafar.parse_setting("K0.7V0.7", window=8), model, 2, 64, backend="torch")
+    assert isinstance(sparse, mustafar.StaticMustafarCache) and not getattr(sparse, "captures_length", False)
+    assert isinstance(make_cache("generate", mustafar.parse_setting("dense"), model, 2, 64),
+                      __import__("transformers").DynamicCache)
+
+
+def test_graph_rows_break_the_step_into_attention_bookkeeping_rest(tmp_path):
+    rows = run_bench(out=tmp_path, log=lambda line: None, **{**SMALL, "modes": ("graph",)})["rows"]
+    assert [(r["setting"], r["status"]) for r in rows] == [(s, "ok") for s in ("dense", "K0.5V0.5", "K0.7V0.7")]
+    for row in rows:
+        parts = row["breakdown"]
+        assert parts["attention_ms"] > 0 and parts["bookkeeping_ms"] > 0, row  # dense: the in-place write
+        assert parts["rest_ms"] == pytest.approx(row["step_ms"] - parts["attention_ms"] - parts["bookkeeping_ms"])
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["config"]["prefill_chunk"] is None
+
+
+def test_generate_rows_bookkeeping_is_the_compression(tmp_path):
+    rows = run_bench(out=None, log=lambda line: None, **{**SMALL, "modes": ("generate",)})["rows"]
+    for row in rows:
+        parts = row["breakdown"]
+        assert parts["bookkeeping_ms"] == parts["compression_ms"]
+        assert (parts["bookkeeping_ms"] > 0) == (row["setting"] != "dense")
+
+
+def test_prefill_chunk_runs_every_mode(tmp_path):
+    lines = []
+    result = run_bench(out=tmp_path, log=lines.append, **{**SMALL, "prefill_chunk": 16})
+    assert all(row["status"] == "ok" for row in result["rows"]) and len(result["rows"]) == 6
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["prefill_chunk"] == 16
+    assert any("bookkeeping" in line for line in lines)
+
+
+def test_graph_decode_tokens_do_not_depend_on_the_prefill_chunk(model):
+    prompt = torch.randint(512, (2, 40), generator=torch.Generator().manual_seed(1))
+    for setting in ("dense", "K0.0V0.0"):
+        parsed = mustafar.parse_setting(setting, window=8)
+        caches = [make_cache("graph", parsed, model, 2, 48, backend="torch") for _ in range(2)]
+        whole, _ = graph_decode(model, caches[0], prompt, 6, capture=False)
+        chunked, _ = graph_decode(model, caches[1], prompt, 6, capture=False, prefill_chunk=12)
+        assert torch.equal(whole, chunked)
+
+
+def test_bookkeeping_op_of_each_cache(model):
+    for setting, expected in (("dense", True), ("K0.5V0.5", True)):
+        parsed = mustafar.parse_setting(setting, window=8)
+        cache = make_cache("graph", parsed, model, 1, 32, backend="torch")
+        with torch.inference_mode():
+            graph_decode(model, cache, torch.randint(512, (1, 20)), 4, capture=False)
+        op = bookkeeping_op(cache, parsed, 1, model)
+        assert (op is not None) == expected and op.per_step == 1.0
+        op.run()
+    for setting in ("dense", "K0.5V0.5"):  # DynamicCache, MustafarCache: the compression op serves
+        parsed = mustafar.parse_setting(setting)
+        assert bookkeeping_op(make_cache("generate", parsed, model, 1, 32), parsed, 1, model) is None
+
+
+def test_predicted_memory_with_chunks_and_no_repeat_kv():
+    dims = model_dims(build_config("llama3-8b"))
+    dense = mustafar.parse_setting("dense")
+    whole = predict_bytes(dims, dense, "graph", 16, 4096, 32, torch.float16)
+    chunked = predict_bytes(dims, dense, "graph", 16, 4096, 32, torch.float16, chunk=512)
+    assert chunked["kv"] == whole["kv"] and chunked["prefill"] < whole["prefill"] / 4
+    assert whole["decode"] == 2 * 16 * dims["vocab"] * 4  # logits only: the fair dense decode repeats no K/V
+
+
+def test_capacity_probes_prefill_in_chunks(model, monkeypatch):
+    from mustafar.bench import capacity
+
+    chunks = []
+    real = capacity.prefill
+    monkeypatch.setattr(capacity, "prefill", lambda m, c, ids, chunk=None: chunks.append(chunk) or real(m, c, ids,
+                                                                                                           chunk))
+    for setting in ("dense", "K0.7V0.7"):
+        parsed = mustafar.parse_setting(setting, window=8)
+        probe = capacity.make_probe(model, parsed, "graph", 40, 10**12, steps=2, backend="torch", chunk=16)(3)
+        assert probe.fits and probe.batch == 3
+    assert chunks == [16, 16]
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_prefill_chunk_must_be_a_positive_int(bad):
+    with pytest.raises((TypeError, ValueError), match="prefill_chunk"):
+        BenchConfig(prefill_chunk=bad)
+
+
+def test_cli_prefill_chunk(tmp_path):
+    from typer.testing import CliRunner
+
+    from mustafar.cli import app
+
+    args = ["bench", "--shape", "tiny", "--batch", "1", "--prompt", "40", "--new-tokens", "4", "--window", "8",
+            "--settings", "dense,K0.7V0.7", "--modes", "graph", "--device", "cpu", "--prefill-chunk", "16",
+            "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["config"]["prefill_chunk"] == 16
+    assert [(r["setting"], r["status"]) for r in written["rows"]] == [("dense", "ok"), ("K0.7V0.7", "ok")]
+    bad = CliRunner().invoke(app, ["bench", "--prefill-chunk", "0", "--device", "cpu", "--out", str(tmp_path)])
+    assert bad.exit_code != 0
