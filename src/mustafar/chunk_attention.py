@@ -18,8 +18,9 @@ from ._checks import check_tensor
 
 __all__ = ["chunk_attention"]
 
-#: Dtypes SDPA's flash kernel takes (it reads GQA heads natively; others get K and V repeated).
+#: What torch's FlashAttention-2 kernel takes (it reads GQA heads natively; elsewhere K and V are repeated).
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH_ALIGN, _FLASH_MAX_HEAD_DIM = 8, 256
 
 
 def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,18 +45,14 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         raise ValueError(f"query [b, q_heads, n, d] must have n <= t and q_heads a multiple of kv_heads over "
                          f"keys/values [b, kv_heads, t, d]; got {tuple(query.shape)}, {tuple(keys.shape)}, "
                          f"{tuple(values.shape)}")
-    group = query.shape[1] // keys.shape[1]
-    if group > 1 and query.is_cuda and query.dtype in _FLASH_DTYPES:
-        try:
-            return _sdpa(query, keys, values, scale)
-        except RuntimeError:  # no flash kernel for these inputs: the fallbacks do not read GQA heads
+    if query.is_cuda and query.dtype in _FLASH_DTYPES and query.shape[-1] % _FLASH_ALIGN == 0 \
+            and query.shape[-1] <= _FLASH_MAX_HEAD_DIM:
+        try:  # FlashAttention-2: bottom-right causal alignment, GQA heads read natively
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                query, keys, values, 0.0, is_causal=True, return_debug_mask=False, scale=scale)[0]
+        except RuntimeError:  # not built for this GPU or these inputs: the portable path below
             pass
+    group = query.shape[1] // keys.shape[1]
     if group > 1:
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    return _sdpa(query, keys, values, scale)
-
-
-def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    n, t = query.shape[2], keys.shape[2]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(n, t), scale=scale,
-                                          enable_gqa=query.shape[1] != keys.shape[1])
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(n, t), scale=scale)
