@@ -127,3 +127,44 @@ def test_cli_prefill_chunk(tmp_path):
     assert [(r["setting"], r["status"]) for r in written["rows"]] == [("dense", "ok"), ("K0.7V0.7", "ok")]
     bad = CliRunner().invoke(app, ["bench", "--prefill-chunk", "0", "--device", "cpu", "--out", str(tmp_path)])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("start", [1, 2, 9, 10, 11, 12, 40, 5000])
+@pytest.mark.parametrize("answer", [0, 1, 10, 37, 5000])
+def test_find_max_batch_from_a_start(start, answer):
+    from mustafar.bench import Probe, find_max_batch
+
+    best, probes = find_max_batch(lambda batch: Probe(batch, batch <= answer), 5000, start)
+    assert best == answer and len({p.batch for p in probes}) == len(probes)
+    assert len(probes) <= 2 * (abs(answer - start) + 1).bit_length() + 2
+    if answer == start < 5000:
+        assert [p.batch for p in probes] == [start, start + 1]
+
+
+def test_find_max_batch_start_errors():
+    from mustafar.bench import Probe, find_max_batch
+
+    for bad in (0, 13, True, 2.0):
+        with pytest.raises(ValueError, match="start"):
+            find_max_batch(lambda batch: Probe(batch, True), 12, bad)
+
+
+def test_capacity_search_starts_at_the_prediction(model):
+    from mustafar.bench.capacity import predicted_max_batch
+
+    parsed = mustafar.parse_setting("K0.7V0.7", window=8)
+    budget = 50 * 2**20
+    start = predicted_max_batch(model, parsed, "graph", 40, budget, 2, chunk=16, max_batch=4096)
+    dims = model_dims(model.config)
+    from mustafar.bench.models import weight_bytes
+
+    need = lambda b: weight_bytes(model) + predict_bytes(dims, parsed, "graph", b, 40, 3, model.dtype,  # noqa: E731
+                                                         chunk=16)["total"]
+    assert need(start) <= budget < need(start + 1)
+    seen = []
+    result = run_bench(out=None, log=lambda line: None, probe_factory=lambda s, m, p, b: (
+        lambda batch: seen.append(batch) or __import__("mustafar.bench", fromlist=["Probe"]).Probe(batch, batch <= 7)),
+        **{**SMALL, "capacity": True, "budget_gib": budget / 2**30, "modes": ("graph",), "settings": ("K0.7V0.7",),
+           "prompts": (40,), "prefill_chunk": 16, "capacity_steps": 2})
+    row = result["capacity"][0]["settings"]["K0.7V0.7"]
+    assert row["max_batch"] == 7 and row["predicted_max_batch"] == start == seen[0]

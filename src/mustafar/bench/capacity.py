@@ -1,7 +1,9 @@
 """Capacity: the largest batch whose prefill and a few decode steps fit in a memory budget.
 
-Search (:func:`find_max_batch`): batch 1, 2, 4, ... while the probe fits, then
-bisection between the last batch that fit and the first that did not. A probe
+Search (:func:`find_max_batch`): from a start batch (the runner starts at the
+memory model's prediction, :func:`predicted_max_batch`; else 1), galloping up
+while the probe fits (or down while it does not), then bisection between the
+last batch that fit and the first that did not. A probe
 (:func:`make_probe`) starts from a fresh state (garbage collected, allocator
 cache emptied, peak counter reset), caps the caching allocator at the budget
 (``torch.cuda.set_per_process_memory_fraction``, so that a probe over the
@@ -39,7 +41,7 @@ from .memory import gib, predict_bytes
 from .models import model_dims, weight_bytes
 from .timing import Clock
 
-__all__ = ["Probe", "find_max_batch", "make_probe", "oom_reason", "PREFILLS", "prefill_kind"]
+__all__ = ["Probe", "find_max_batch", "make_probe", "oom_reason", "PREFILLS", "prefill_kind", "predicted_max_batch"]
 
 #: How a probe prefills: ``"one"`` sequence repeated to the batch, or the whole ``"batch"`` at once.
 PREFILLS = ("one", "batch")
@@ -61,28 +63,39 @@ class Probe:
         return asdict(self)
 
 
-def find_max_batch(probe: Callable[[int], Probe], max_batch: int = 4096) -> tuple[int, list[Probe]]:
+def find_max_batch(probe: Callable[[int], Probe], max_batch: int = 4096,
+                   start: int = 1) -> tuple[int, list[Probe]]:
     """Largest batch in ``[1, max_batch]`` for which ``probe(batch).fits`` (0 if none), and the probes run.
 
-    Doubling from 1, then bisection; ``probe`` must be monotone (a batch that
-    fits implies every smaller one fits). About ``2 * log2(answer)`` probes.
+    Galloping from ``start`` (steps of 1, 2, 4, ... up while batches fit, down while they
+    do not; from 1 that is doubling), then bisection; ``probe`` must be monotone (a batch
+    that fits implies every smaller one fits). About ``2 * log2(|answer - start| + 1)``
+    probes: two when ``start`` (e.g. the memory model's prediction) is the answer.
 
     Raises:
-        ValueError: ``max_batch`` < 1.
+        ValueError: ``max_batch`` < 1, or ``start`` not in ``[1, max_batch]``.
     """
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= max_batch:
+        raise ValueError(f"start must be an int in [1, max_batch={max_batch}], got {start!r}")
     probes: list[Probe] = []
 
     def fits(batch: int) -> bool:
         probes.append(probe(batch))
         return probes[-1].fits
 
-    good, bad = 0, max_batch + 1
-    batch = 1
-    while batch <= max_batch and fits(batch):
-        good, batch = batch, batch * 2
-    bad = min(batch, bad)
+    good, bad, step = 0, max_batch + 1, 1
+    if fits(start):
+        good = start
+        while good + step <= max_batch and fits(good + step):
+            good, step = good + step, step * 2
+        bad = min(good + step, bad)
+    else:
+        bad = start
+        while bad - step >= 1 and not fits(bad - step):
+            bad, step = bad - step, step * 2
+        good = max(bad - step, 0)
     while bad - good > 1:
         middle = (good + bad) // 2
         if fits(middle):
@@ -90,6 +103,27 @@ def find_max_batch(probe: Callable[[int], Probe], max_batch: int = 4096) -> tupl
         else:
             bad = middle
     return good, probes
+
+
+def predicted_max_batch(model, setting, mode: str, prompt: int, budget_bytes: int, steps: int,
+                        prefill: str = "one", chunk: int | None = None, max_batch: int = 4096) -> int:
+    """The largest batch in ``[1, max_batch]`` that the memory model predicts to fit ``budget_bytes`` (1 if none).
+
+    The same prediction as a probe's (:func:`make_probe`): weights + :func:`mustafar.bench.memory.predict_bytes`.
+    The capacity search starts there (:func:`find_max_batch`'s ``start``), so that it runs few real probes.
+    """
+    dims, weights = model_dims(model.config), weight_bytes(model)
+    one = prefill_kind(mode, prefill) == "one"
+
+    def need(batch: int) -> int:
+        return weights + predict_bytes(dims, setting, mode, batch, prompt, steps + 1, model.dtype,
+                                       prefill_batch=1 if one else None, chunk=chunk)["total"]
+
+    low, high = 1, max_batch
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if need(middle) <= budget_bytes else (low, middle - 1)
+    return low
 
 
 def prefill_kind(mode: str, prefill: str) -> str:

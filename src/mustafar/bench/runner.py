@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend
 
 from .breakdown import step_breakdown
 from .caches import kv_stats, make_cache
-from .capacity import find_max_batch, make_probe, oom_reason, prefill_kind
+from .capacity import find_max_batch, make_probe, oom_reason, predicted_max_batch, prefill_kind
 from .config import BenchConfig
 from .decode import generate_decode, graph_decode, prefill
 from .memory import gib, predict_bytes
@@ -196,9 +196,11 @@ def run_capacity(ctx: _Context, probe_factory=None) -> list[dict]:
                    "prefill": prefill_kind(mode, config.capacity_prefill), "prefill_chunk": config.prefill_chunk,
                    "settings": {}}
             for setting in config.sparsity:
-                best, probes = find_max_batch(factory(setting, mode, prompt, budget), config.max_batch)
+                start = predicted_max_batch(ctx.model, setting, mode, prompt, budget, config.capacity_steps,
+                                            config.capacity_prefill, config.prefill_chunk, config.max_batch)
+                best, probes = find_max_batch(factory(setting, mode, prompt, budget), config.max_batch, start)
                 measured = all(p.peak_bytes is not None for p in probes if p.fits)
-                row["settings"][setting.name] = {"max_batch": best, "measured": measured,
+                row["settings"][setting.name] = {"max_batch": best, "measured": measured, "predicted_max_batch": start,
                                                  "hit_max_batch": best == config.max_batch,
                                                  "probes": [p.to_dict() for p in probes]}
                 notes = ([] if measured else ["predicted, not measured"]) + (
