@@ -42,7 +42,7 @@ from .attention import Link, held_mask, link_tensor
 from .cache_rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
 from .format import BitmapKV
 from .model_support import check_reader
-from .ops import BACKENDS, decode_attention_unchecked
+from .ops import BACKENDS, append, decode_attention_unchecked
 
 __all__ = ["NO_OFFLOADING", "MustafarLayer", "check_batch_index"]
 
@@ -145,8 +145,8 @@ class MustafarLayer(CacheLayerMixin):
         moved = min(boundaries(total, self.pads, self.window, self.chunk)) - self.stored_tokens
         if moved <= 0:
             return
-        self.key_store.append(self.keys[:, :, :moved])
-        self.value_store.append(self.values[:, :, :moved])
+        append(self.key_store, self.keys[:, :, :moved])
+        append(self.value_store, self.values[:, :, :moved])
         self.keys, self.values = self.keys[:, :, moved:].clone(), self.values[:, :, moved:].clone()
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -50,6 +50,7 @@ from .attention import Link, link_tensor
 from .cache import check_backend, check_layer_idx
 from .cache_rules import pads_from_mask
 from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from .ops import append
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
@@ -150,8 +151,8 @@ class StaticMustafarLayer(CacheLayerMixin):
         n = key_states.shape[2]
         stored = max(0, n - self.window)
         if stored:
-            self.key_store.append(key_states[:, :, :stored])
-            self.value_store.append(value_states[:, :, :stored])
+            append(self.key_store, key_states[:, :, :stored])
+            append(self.value_store, value_states[:, :, :stored])
         slots = torch.arange(stored, n, device=self.device) % self.window
         self.keys.index_copy_(2, slots, key_states[:, :, stored:])
         self.values.index_copy_(2, slots, value_states[:, :, stored:])
