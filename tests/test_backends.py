@@ -9,7 +9,7 @@ import mustafar
 from mustafar import backends
 from mustafar.backends import BACKENDS, TABLE, UnsupportedHardwareError, pick, resolve_backend, triton_available
 from mustafar.ops import compress_into, sparse_decode_attention
-from mustafar.static_ops import static_decode_attention, static_evict
+from mustafar.cache.static_ops import static_decode_attention, static_evict
 
 
 def _inputs(seed: int = 0, head_dim: int = 64):

@@ -7,13 +7,12 @@ for KV Cache Pruning in LLM Inference", arXiv 2505.22913 (NeurIPS 2025).
 
 from .attention import ATTENTION_NAME, mustafar_attention_forward
 from .backends import resolve_backend
-from .cache import MustafarCache, MustafarLayer
+from .cache import MustafarCache, MustafarLayer, StaticMustafarCache
 from .config import SETTINGS, SparsityConfig, parse_setting
 from .errors import UnsupportedHardwareError
 from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
 from .models import load_model
 from .ops import available_backends, compress, sparse_decode_attention
-from .static_cache import StaticMustafarCache
 from .pruning import (
     keep_count,
     prune_output_aware,

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_scale, check_tensor
-from .backends import pick
-from .format import BitmapKV
+from .._checks import check_scale, check_tensor
+from ..backends import pick
+from ..format import BitmapKV
 
 __all__ = ["static_decode_attention", "static_evict"]
 
