@@ -8,7 +8,7 @@ import transformers
 
 import mustafar
 from mustafar.bench.decode import prefill
-from mustafar.ops import triton_available
+from mustafar.backends import triton_available
 
 PROMPT, NEW = 40, 8
 

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import mustafar
-from mustafar.dense_static_cache import DenseStaticLayer
+from mustafar.cache import DenseStaticLayer
 from mustafar.bench.decode import graph_decode
 
 

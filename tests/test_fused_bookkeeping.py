@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mustafar.format import compress, expand
-from mustafar.ops import triton_available
-from mustafar.static_cache import StaticMustafarLayer
+from mustafar import compress
+from mustafar.format import expand
+from mustafar.backends import triton_available
+from mustafar.cache import StaticMustafarLayer
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (a CUDA device or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

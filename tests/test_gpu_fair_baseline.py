@@ -15,7 +15,7 @@ import mustafar
 from mustafar.bench.decode import graph_decode, prefill
 from mustafar.chunk_attention import chunk_attention
 from mustafar.reference import decode_attention_reference
-from mustafar.static_cache import StaticMustafarLayer
+from mustafar.cache import StaticMustafarLayer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -14,7 +14,7 @@ Source of the pruning rule: Mustafar, arXiv 2505.22913.
 import triton
 import triton.language as tl
 
-from .compress import _magnitude_keys
+from .compress import magnitude_keys
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _evict_and_write(
     ok = row_ok[:, None] & ch_ok[None, :]
     ring_ptr = RING + (b * s_rb + h * s_rh + slot * s_rt)[:, None] + ch[None, :]
     x = tl.load(ring_ptr, mask=ok, other=0.0)
-    keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
+    keys = tl.where(ch_ok[None, :], magnitude_keys(x, KEY_BITS), -1)
     threshold = tl.zeros(row_ok.shape, tl.int32)
     for bit in tl.static_range(KEY_BITS - 1, -1, -1):
         candidate = threshold | (1 << bit)

@@ -60,3 +60,7 @@ def compress_kernel(
     packed = tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
     b_ptr = BITS + (b * stride_bb + h * stride_bh + t * stride_bt)[:, None] + words[None, :]
     tl.store(b_ptr, packed, mask=row_ok[:, None])
+
+
+#: Public name of the magnitude-key helper (the fused bookkeeping kernel selects with it too).
+magnitude_keys = _magnitude_keys

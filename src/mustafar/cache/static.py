@@ -1,7 +1,7 @@
 """``StaticMustafarCache``: a preallocated compressed cache whose decode step can be captured in a CUDA graph.
 
 Source: Mustafar (Joo et al., arXiv 2505.22913); the static layout is this
-project's (see :mod:`mustafar.static_ops`). It is to :class:`~mustafar.MustafarCache`
+project's (see :mod:`mustafar.cache.static_ops`). It is to :class:`~mustafar.MustafarCache`
 what transformers' ``StaticCache`` is to ``DynamicCache``: every buffer is
 allocated once for ``max_tokens``, the decode step has static shapes and reads
 the token count on the device, so one step can be captured and replayed.
@@ -46,12 +46,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._checks import CACHE_DTYPES, check_positive_int, check_sparsity
-from .attention import Link, link_tensor
-from .cache import check_backend, check_layer_idx
-from .cache_rules import pads_from_mask
-from .chunk_attention import chunk_attention
-from .format import BitmapKV, bytes_per_token, dense_bytes_per_token, expand
+from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
+from ..attention import Link, link_tensor
+from ..chunk_attention import chunk_attention
+from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token, expand
+from ..ops import append
+from .dynamic import check_backend, check_layer_idx
+from .rules import pads_from_mask
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
@@ -145,11 +146,11 @@ class StaticMustafarLayer(CacheLayerMixin):
     @property
     def fused(self) -> bool:
         """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter)."""
-        from .launch.bookkeeping import fused_supported
-        from .ops import _resolve_backend, triton_available
+        from ..backends import triton_available
+        from ..launch.bookkeeping import fused_supported
 
-        return (self.is_initialized and triton_available() and fused_supported(self.keys)
-                and _resolve_backend(self.backend, self.device) != "torch")
+        asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
+        return self.is_initialized and asked and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
                      state: tuple | None = None) -> None:
@@ -162,7 +163,7 @@ class StaticMustafarLayer(CacheLayerMixin):
         keys, values, key_store, value_store, length, counter = state or (
             self.keys, self.values, self.key_store, self.value_store, self.length, self.counter)
         if self.fused:
-            from .launch.bookkeeping import fused_bookkeeping
+            from ..launch.bookkeeping import fused_bookkeeping
 
             fused_bookkeeping(key_states, value_states, keys, values, key_store, value_store, length, counter,
                               advance)
@@ -181,7 +182,7 @@ class StaticMustafarLayer(CacheLayerMixin):
         The scratch ring and one-granule stores hold copies of this layer's ring; ``length`` is set so
         that every call compresses a token (the store row 0), so the work equals a real step's.
         """
-        from .format import CAPACITY_GRANULE
+        from ..format import CAPACITY_GRANULE
 
         b, h, w, d = self.keys.shape
         stores = [BitmapKV.empty(b, h, d, store.sparsity, self.dtype, self.device, capacity=CAPACITY_GRANULE)
@@ -200,8 +201,8 @@ class StaticMustafarLayer(CacheLayerMixin):
         n = key_states.shape[2]
         stored = max(0, n - self.window)
         if stored:
-            self.key_store.append(key_states[:, :, :stored])
-            self.value_store.append(value_states[:, :, :stored])
+            append(self.key_store, key_states[:, :, :stored])
+            append(self.value_store, value_states[:, :, :stored])
         slots = torch.arange(stored, n, device=self.device) % self.window
         self.keys.index_copy_(2, slots, key_states[:, :, stored:])
         self.values.index_copy_(2, slots, value_states[:, :, stored:])
@@ -229,7 +230,7 @@ class StaticMustafarLayer(CacheLayerMixin):
             everything[:, :, stored:held] = ring.index_select(2, ring_slots)
             everything[:, :, held:] = new
             if new_stored > stored:
-                store.append(everything[:, :, stored:new_stored])
+                append(store, everything[:, :, stored:new_stored])
             first = max(new_stored, held)  # the ring's slots of tokens first .. held+n-1 take the new tokens
             slots = torch.arange(first, held + n, device=self.device) % w
             ring.index_copy_(2, slots, new[:, :, first - held:])
@@ -361,7 +362,7 @@ class StaticMustafarCache(Cache):
         batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
         self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device))
         self.backend = backend
-        super().__init__(layers=[self._new_layer(i) for i in range(_config_layers(config))])
+        super().__init__(layers=[self._new_layer(i) for i in range(config_layers(config))])
 
     def _new_layer(self, layer_idx: int) -> StaticMustafarLayer:
         return StaticMustafarLayer(self.max_tokens, self.key_sparsity, self.value_sparsity, self.window,
@@ -433,14 +434,14 @@ def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor,
     if out.shape[2] == 0:
         return
     if triton:
-        from .launch.expand import expand_triton
+        from ..launch.expand import expand_triton
 
         expand_triton(values, bitmaps, out)
         return
     out.copy_(expand(values, bitmaps, out.shape[3]))
 
 
-def _config_layers(config) -> int:
+def config_layers(config) -> int:
     """``num_hidden_layers`` of ``config`` (its text config for multimodal ones), 0 for ``None``."""
     if config is None:
         return 0

@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._checks import CACHE_DTYPES, check_positive_int
-from .attention import Link, link_tensor
-from .cache import check_layer_idx
-from .cache_rules import pads_from_mask
-from .chunk_attention import chunk_attention
+from .._checks import CACHE_DTYPES, check_positive_int
+from ..attention import Link, link_tensor
+from ..chunk_attention import chunk_attention
+from .dynamic import check_layer_idx
+from .rules import pads_from_mask
+from .static import config_layers
 
 __all__ = ["DenseStaticCache", "DenseStaticLayer"]
 
@@ -230,9 +231,7 @@ class DenseStaticCache(Cache):
         self.max_tokens = check_positive_int("max_tokens", max_tokens)
         batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
         self._expect = dict(batch_size=batch_size, dtype=dtype)
-        from .static_cache import _config_layers
-
-        super().__init__(layers=[self._new_layer(i) for i in range(_config_layers(config))])
+        super().__init__(layers=[self._new_layer(i) for i in range(config_layers(config))])
 
     def _new_layer(self, layer_idx: int) -> DenseStaticLayer:
         return DenseStaticLayer(self.max_tokens, layer_idx, **self._expect)
