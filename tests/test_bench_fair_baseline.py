@@ -168,3 +168,28 @@ def test_capacity_search_starts_at_the_prediction(model):
            "prompts": (40,), "prefill_chunk": 16, "capacity_steps": 2})
     row = result["capacity"][0]["settings"]["K0.7V0.7"]
     assert row["max_batch"] == 7 and row["predicted_max_batch"] == start == seen[0]
+
+
+def test_random_fill_rows(tmp_path):
+    lines = []
+    rows = run_bench(out=tmp_path, log=lines.append, **{**SMALL, "random_fill": True, "prefill_chunk": 16})["rows"]
+    assert len(rows) == 6 and all(r["status"] == "ok" and r["ttft_ms"] is None and r["fill"] == "random"
+                                  and r["tokens_per_s"] > 0 for r in rows)
+    assert any("random fill" in line for line in lines)
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["random_fill"] is True
+
+
+@pytest.mark.parametrize("mode, setting", [("graph", "dense"), ("graph", "K0.7V0.7"), ("generate", "dense"),
+                                           ("generate", "K0.5V0.5")])
+def test_fill_random_leaves_a_prefilled_cache(model, mode, setting):
+    from mustafar.bench.decode import fill_random
+
+    parsed = mustafar.parse_setting(setting, window=8, chunk=16)
+    cache = make_cache(mode, parsed, model, 2, 64, backend="torch")
+    prompt = torch.randint(512, (2, 40))
+    with torch.inference_mode():
+        first = fill_random(model, cache, prompt, chunk=16)
+        tokens, _ = graph_decode(model, make_cache(mode, parsed, model, 2, 64, backend="torch"), prompt, 5,
+                                 capture=False, random_fill=True, prefill_chunk=16)
+    assert torch.equal(first, prompt[:, -1:]) and cache.get_seq_length() == 40 and tokens.shape == (2, 5)
+    assert all(layer.get_seq_length() == 40 for layer in cache.layers)

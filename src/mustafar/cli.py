@@ -308,6 +308,8 @@ def bench(
                                          "whole batch (its activations can bound it first); graph mode: always batch."),
     prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", min=1, help="Prefill (cases and capacity "
                                              "probes) in chunks of this many tokens.", show_default="one step"),
+    random_fill: bool = typer.Option(False, "--random-fill", help="Fill each case's cache with random K and V "
+                                     "instead of prefilling it: decode rows only, no time to first token."),
     out: Path = typer.Option(Path("mustafar-bench"), help="Directory for bench.json / capacity.json and the plots."),
     device: str | None = typer.Option(None, help="Torch device.", show_default="cuda if available, else cpu"),
     window: int = WindowOption,
@@ -335,7 +337,8 @@ def bench(
                                          device=device, prefill_chunk=prefill_chunk).items() if v is not None})
     try:
         config = BenchConfig(**{**(QUICK if quick else {}), **given, "window": window, "chunk": chunk, "seed": seed,
-                                "capacity": capacity, "capacity_prefill": capacity_prefill})
+                                "capacity": capacity, "capacity_prefill": capacity_prefill,
+                                "random_fill": random_fill})
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     run_bench(config, out=out, log=lambda line: console.print(line, markup=False, highlight=False))

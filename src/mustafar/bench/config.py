@@ -67,6 +67,10 @@ class BenchConfig:
         prefill_chunk: prefill every case (and capacity probe) in chunks of this many tokens,
             each attending to everything before it, so that a batch's prefill activations are
             those of ``batch * prefill_chunk`` tokens; None: one step for the whole prompt.
+        random_fill: fill each grid case's cache with random K and V instead of prefilling it
+            (:func:`mustafar.bench.decode.fill_random`): decode rows at a fraction of the time
+            (a 16 x 32k prefill of Llama-3-8B takes about 20 s on an H200), no time to first
+            token (``ttft_ms`` None). Capacity probes always prefill.
     """
 
     shape: str = "llama3-8b"
@@ -97,6 +101,7 @@ class BenchConfig:
     max_batch: int = 4096
     capacity_prefill: str = "one"
     prefill_chunk: int | None = None
+    random_fill: bool = False
     sparsity: tuple[SparsityConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -41,7 +41,7 @@ import torch
 
 from .timing import Clock
 
-__all__ = ["DecodeTimings", "cache_kwargs", "prefill", "graph_decode", "generate_decode"]
+__all__ = ["DecodeTimings", "cache_kwargs", "prefill", "fill_random", "graph_decode", "generate_decode"]
 
 
 @dataclass
@@ -126,6 +126,34 @@ def prefill(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None) ->
     return first
 
 
+def fill_random(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Fill ``cache`` with random K and V for the prompt's ``[batch, L]`` tokens, without a forward pass.
+
+    For decode-speed cases whose prefill would cost far more than their decoding: a decode step's
+    time does not depend on the values held (random weights give random K and V anyway, and the
+    sparse store keeps the same count per token whatever the values). Every layer gets the same
+    steps a prefill would give it (chunks of ``chunk`` tokens, or one step), each marked as read
+    (``consume``), so the cache ends in the state of a prefilled one. Returns the first tokens to
+    decode from, ``prompt_ids[:, -1:]`` (any token would do).
+    """
+    from .models import model_dims
+
+    dims = model_dims(model.config)
+    batch, length = prompt_ids.shape
+    step = length if chunk is None else min(chunk, length)
+    generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+    for layer_idx in range(dims["layers"]):
+        for start in range(0, length, step):
+            shape = (batch, dims["kv_heads"], min(step, length - start), dims["head_dim"])
+            keys, values = (torch.randn(shape, generator=generator, device=prompt_ids.device, dtype=model.dtype)
+                            for _ in range(2))
+            cache.update(keys, values, layer_idx)
+            consume = getattr(cache.layers[layer_idx], "consume", None)
+            if consume is not None:
+                consume()
+    return prompt_ids[:, -1:].clone()
+
+
 class DecodeStep:
     """The static buffers of the decode loop and the step that updates them in place."""
 
@@ -149,7 +177,7 @@ class DecodeStep:
 @torch.inference_mode()
 def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, capture: bool | None = None,
                  warmup_steps: int = 2, breakdown=None, sdpa_backends=None,
-                 prefill_chunk: int | None = None) -> tuple[torch.Tensor, DecodeTimings]:
+                 prefill_chunk: int | None = None, random_fill: bool = False) -> tuple[torch.Tensor, DecodeTimings]:
     """Greedy-decode ``new_tokens`` tokens after ``prompt_ids`` through a static ``cache``.
 
     Args:
@@ -165,6 +193,8 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
         sdpa_backends: ``torch.nn.attention.SDPBackend`` list allowed in the decode steps (not the
             prefill); None: torch's choice.
         prefill_chunk: prefill in chunks of this many tokens (see :func:`prefill`); None: one step.
+        random_fill: fill the cache with random K and V instead of prefilling (:func:`fill_random`;
+            ``prefill_ms`` is then the fill's time, not a time to first token).
 
     Caches with ``captures_length = True`` (:class:`mustafar.DenseStaticCache`, whose attention
     reads the host-side length) get one graph per timed step, captured ahead in one memory pool and
@@ -182,7 +212,7 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
     capture = clock.cuda if capture is None else bool(capture)
     if capture and not clock.cuda:
         raise ValueError(f"capture=True needs CUDA tensors, got prompt_ids on {prompt_ids.device}")
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids, prefill_chunk))
+    first, prefill_ms = clock.wall_ms(lambda: _start(model, cache, prompt_ids, prefill_chunk, random_fill))
     step = DecodeStep(model, cache, first, prompt_ids.shape[1], new_tokens)
     timed = new_tokens - 1 - warmup_steps
     graphs = timed if getattr(cache, "captures_length", False) else 1
@@ -194,6 +224,13 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
         if breakdown is not None:
             timings.breakdown = breakdown(step, timings.step_ms, capture)
     return step.tokens[:, :new_tokens].clone(), timings
+
+
+def _start(model, cache, prompt_ids: torch.Tensor, chunk: int | None, random_fill: bool) -> torch.Tensor:
+    """The first tokens after a prefill (or a random fill) of ``prompt_ids`` into ``cache``."""
+    if random_fill:
+        return fill_random(model, cache, prompt_ids, chunk)
+    return prefill(model, cache, prompt_ids, chunk)
 
 
 def _warm_up(step: DecodeStep, steps: int, side_stream: bool) -> None:
@@ -227,7 +264,8 @@ def _capture(step: DecodeStep, count: int = 1):
 
 @torch.inference_mode()
 def generate_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, breakdown=None,
-                    sdpa_backends=None, prefill_chunk: int | None = None) -> tuple[torch.Tensor, DecodeTimings]:
+                    sdpa_backends=None, prefill_chunk: int | None = None,
+                    random_fill: bool = False) -> tuple[torch.Tensor, DecodeTimings]:
     """Greedy-decode with eager ``model.generate()``, the prompt prefilled into ``cache`` first (timed apart).
 
     ``generate`` gets the prompt and the first token with ``cache`` holding the
@@ -237,7 +275,7 @@ def generate_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, bre
     """
     _check_prompt(prompt_ids, new_tokens, 0)
     clock = Clock(prompt_ids.device)
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids, prefill_chunk))
+    first, prefill_ms = clock.wall_ms(lambda: _start(model, cache, prompt_ids, prefill_chunk, random_fill))
     ids, kwargs = torch.cat([prompt_ids, first], dim=1), cache_kwargs(model, cache)
     with _sdpa(sdpa_backends):
         out, decode_ms = clock.wall_ms(lambda: model.generate(

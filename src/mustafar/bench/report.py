@@ -65,7 +65,8 @@ def summary_line(row: dict) -> str:
     head = f"{row['mode']:<8} {row['setting']:<9} b{row['batch']:<3} p{row['prompt']:<6}"
     if row["status"] != "ok":
         return f"{head} skipped: {row['reason']}"
-    parts = [f"ttft {row['ttft_ms']:.0f} ms", f"step {row['step_ms']:.2f} ms",
+    ttft = "random fill" if row.get("ttft_ms") is None else f"ttft {row['ttft_ms']:.0f} ms"
+    parts = [ttft, f"step {row['step_ms']:.2f} ms",
              f"{row['tokens_per_s']:.0f} tokens/s", f"peak {gib(row['peak_bytes'])}",
              f"KV {gib(row['kv_bytes'])} ({100 * (row['kv_ratio'] or 0):.1f} % of dense)"]
     breakdown = row.get("breakdown")

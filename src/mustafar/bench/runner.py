@@ -120,18 +120,19 @@ def _run(ctx: _Context, row: dict, setting, ids: torch.Tensor) -> dict:
 
     if mode == "graph":
         tokens, timings = graph_decode(model, cache, ids, config.new_tokens, config.capture, config.warmup_steps,
-                                       breakdown, prefill_chunk=config.prefill_chunk)
+                                       breakdown, prefill_chunk=config.prefill_chunk, random_fill=config.random_fill)
     else:
         backends = None if config.generate_cudnn or not clock.cuda else _NOT_CUDNN
         tokens, timings = generate_decode(model, cache, ids, config.new_tokens, breakdown, backends,
-                                          prefill_chunk=config.prefill_chunk)
+                                          prefill_chunk=config.prefill_chunk, random_fill=config.random_fill)
     peak = clock.peak_bytes()
     stats = kv_stats(cache)
     del cache, tokens
-    ttfts = [timings.prefill_ms]
-    if timings.prefill_ms < config.ttft_repeat_below_ms:
+    ttfts = [] if config.random_fill else [timings.prefill_ms]
+    if ttfts and timings.prefill_ms < config.ttft_repeat_below_ms:
         ttfts += _ttft_ms(ctx, mode, setting, ids, max_tokens)
-    result = {**row, "status": "ok", "reason": "", "ttft_ms": statistics.median(ttfts), "ttft_ms_all": ttfts,
+    result = {**row, "status": "ok", "reason": "", "ttft_ms": statistics.median(ttfts) if ttfts else None,
+              "ttft_ms_all": ttfts, "fill": "random" if config.random_fill else "prefill",
               **timings.to_dict(), "peak_bytes": peak, **stats}
     result["kv_ratio"] = stats["kv_bytes"] / stats["kv_dense_bytes"] if stats["kv_dense_bytes"] else None
     return result
