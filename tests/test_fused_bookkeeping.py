@@ -95,3 +95,13 @@ def test_expand_kernel_equals_reference(dtype, head_dim, sparsity):
     assert torch.equal(out[:, :, 0], torch.full_like(out[:, :, 0], 7.0))
     with pytest.raises(ValueError, match="bitmaps"):
         expand_triton(values[:, :, :37], bitmaps[:, :, :36], out[:, :, 1:38])
+
+
+def test_fused_can_be_turned_off(monkeypatch):
+    from mustafar.cache.static import FUSED_ENV
+
+    layer = _pair(16, 0.5, 0.5, 4)[1]
+    _feed([layer], torch.randn(1, 2, 5, 64, device=DEVICE), torch.randn(1, 2, 5, 64, device=DEVICE))
+    assert layer.fused
+    monkeypatch.setenv(FUSED_ENV, "0")
+    assert not layer.fused

@@ -20,9 +20,14 @@ Use it in a manual loop (``model(input_ids, past_key_values=cache, position_ids=
 positions explicitly, since graph replays do not advance the host-side token count):
 a prefill in one multi-token step or in several chunks (each chunk attends to every
 token before it, the older ones pruned as decoding reads them), then one-token decode
-steps. Padded batches, multi-token steps after the first decode step, ``crop`` (hence assisted decoding:
-``is_croppable`` is False) and batch-row edits (``reorder_cache``: beam search) raise
-(``MustafarCache`` supports them).
+steps. Padded batches, multi-token steps after the first decode step, ``crop`` (hence
+assisted decoding: ``is_croppable`` is False) and batch-row edits (``reorder_cache``: beam
+search) raise (``MustafarCache`` supports them).
+
+A decode step's bookkeeping (evict the oldest window token into the store, write the new
+one into the ring, advance ``length``) is one Triton launch per layer on CUDA
+(:mod:`mustafar.kernels.bookkeeping`; issue 14), bit-identical to the unfused ops that
+serve elsewhere (and when :data:`FUSED_ENV` is ``0``).
 
 Example::
 
@@ -43,6 +48,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -55,7 +62,11 @@ from .dynamic import check_backend, check_layer_idx
 from .rules import pads_from_mask
 from .static_ops import static_decode_attention, static_evict
 
-__all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
+__all__ = ["StaticMustafarCache", "StaticMustafarLayer", "FUSED_ENV"]
+
+#: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
+#: prefills) off, for the unfused ops (a fallback; both give the same bits).
+FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
 
 #: Message of the ``NotImplementedError`` raised by ``crop``.
 _NO_CROP = ("StaticMustafarCache cannot crop (remove tokens): each decode step prunes the oldest window token into "
@@ -150,7 +161,8 @@ class StaticMustafarLayer(CacheLayerMixin):
         from ..launch.bookkeeping import fused_supported
 
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
-        return self.is_initialized and asked and triton_available() and fused_supported(self.keys)
+        allowed = os.environ.get(FUSED_ENV, "1") != "0"
+        return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
                      state: tuple | None = None) -> None:

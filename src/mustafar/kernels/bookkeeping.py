@@ -71,10 +71,11 @@ def bookkeeping_kernel(
     h = rows % kv_heads
     length = tl.load(LENGTH)
     slot = (length % window).to(tl.int32)
-    store_row = tl.maximum(length - window, 0)
+    store_row = length - window
+    evict = (store_row >= 0) & (store_row < capacity)
+    store_row = tl.where(evict, store_row, 0).to(tl.int32)  # masked off where not evicting
     # as a block of rows (the interpreter cannot mask with a scalar bool combined with a block)
-    active = (tl.zeros([BLOCK_R], tl.int32) + ((length >= window) & (length - window < capacity)).to(tl.int32)) != 0
-    store_row = tl.minimum(store_row, tl.maximum(capacity - 1, 0)).to(tl.int32)
+    active = (tl.zeros([BLOCK_R], tl.int32) + evict.to(tl.int32)) != 0
     _evict_and_write(K_RING, s_krb, s_krh, s_krt, K_NEW, s_knb, s_knh, K_VALS, s_kvb, s_kvh, s_kvt,
                      K_BITS, s_kbb, s_kbh, s_kbt, b, h, row_ok, slot, store_row, active, k_keep_k,
                      D, DP, NW32, KEY_BITS)
