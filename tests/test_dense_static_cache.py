@@ -142,3 +142,26 @@ def test_padded_prefill_raises():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     with torch.no_grad(), pytest.raises(ValueError, match="padded"):
         model(torch.randint(128, (2, 4)), attention_mask=mask, past_key_values=mustafar.DenseStaticCache(cfg, 2, 8))
+
+
+@pytest.mark.skipif(not __import__("mustafar.backends", fromlist=["x"]).triton_available(),
+                    reason="needs Triton (a CUDA device or TRITON_INTERPRET=1)")
+def test_triton_write_equals_torch_write():
+    """The one-launch Triton write (CUDA, or the interpreter here) fills the buffers as index_copy_ does."""
+    cfg, model = _model()
+    prompt = torch.randint(128, (2, 9))
+    runs = []
+    for backend in ("torch", "triton"):
+        cache = mustafar.DenseStaticCache(cfg, 2, 20, backend=backend)
+        tokens, logits = _greedy(model, cache, prompt, 6)
+        runs.append((tokens, logits, cache))
+    assert runs[1][2].layers[0].fused and not runs[0][2].layers[0].fused
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    for a, b in zip(runs[0][2].layers, runs[1][2].layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.length, b.length)
+        assert int(b.counter) == 0
+    probe = runs[1][2].layers[0].bookkeeping_probe()
+    probe()
+    assert int(runs[1][2].layers[0].length) == 15
+    with pytest.raises(ValueError, match="backend"):
+        mustafar.DenseStaticCache(cfg, 2, 20, backend="cuda")

@@ -71,7 +71,8 @@ def make_cache(mode: str, setting: SparsityConfig, model, batch: int, max_tokens
         return DynamicCache() if setting.is_dense else MustafarCache.from_config(setting, backend=backend)
     if mode == "graph":
         if setting.is_dense:
-            return DenseStaticCache(model.config, batch_size=batch, max_tokens=max_tokens, dtype=model.dtype)
+            return DenseStaticCache(model.config, batch_size=batch, max_tokens=max_tokens, dtype=model.dtype,
+                                    backend="torch" if backend == "torch" else "auto")
         return static_sparse_cache(model, setting, batch, max_tokens, backend)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 

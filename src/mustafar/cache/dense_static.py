@@ -16,7 +16,10 @@ step runs (or is captured). A captured step therefore attends to the ``L`` of
 its capture: capture one graph per decode step (what
 :func:`mustafar.bench.graph_decode` does for caches with
 ``captures_length = True``, in one shared memory pool) and replay them in order.
-The device-side ``length`` only places the writes.
+The device-side ``length`` only places the writes. A one-token write is one Triton launch
+per layer on CUDA (:mod:`mustafar.kernels.dense_write`, K and V and the length advance, as a
+serving engine's cache-write kernel), so the baseline's bookkeeping is as lean as the sparse
+cache's fused one.
 
 Multi-token steps (the prefill, in one step or in chunks) are allowed until the
 first one-token step; each chunk attends to every token before it
@@ -51,6 +54,11 @@ from .static import config_layers
 
 __all__ = ["DenseStaticCache", "DenseStaticLayer"]
 
+#: ``backend`` values: "auto" (the Triton write on CUDA, torch ops elsewhere), "torch", "triton" (the Triton
+#: write wherever Triton runs, the interpreter included).
+_BACKENDS = ("auto", "torch", "triton")
+#: Head dims the Triton write takes (one tile per row).
+_MAX_HEAD_DIM = 256
 _NO_EDITS = ("DenseStaticCache cannot crop or reorder batch rows: its buffers are allocated once for graph "
              "replays; use transformers' DynamicCache")
 
@@ -70,11 +78,12 @@ class DenseStaticLayer(CacheLayerMixin):
     captures_length = True
 
     def __init__(self, max_tokens: int, layer_idx: int = 0, *, batch_size: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
-        self.max_tokens, self.layer_idx = max_tokens, layer_idx
+        self.max_tokens, self.layer_idx, self.backend = max_tokens, layer_idx, backend
         self.expected_batch, self.expected_dtype = batch_size, dtype
-        self.length, self.host_length, self.decoding, self._unconsumed = None, 0, False, False
+        self.length = self.counter = None
+        self.host_length, self.decoding, self._unconsumed = 0, False, False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate ``keys``, ``values`` (``max_tokens``) and ``length`` like ``key_states``.
@@ -89,6 +98,7 @@ class DenseStaticLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(batch, kv_heads, self.max_tokens, head_dim)
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros((), dtype=torch.int64, device=key_states.device)
+        self.counter = torch.zeros((), dtype=torch.int32, device=key_states.device)  # of the Triton write
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -112,10 +122,7 @@ class DenseStaticLayer(CacheLayerMixin):
                              "the first one-token decode step")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = self.length + torch.arange(n, device=self.device)
-        self.keys.index_copy_(2, positions, key_states)
-        self.values.index_copy_(2, positions, value_states)
-        self.length += n
+        self._write(key_states, value_states)
         first = self.host_length == 0
         self.host_length += n
         self.decoding = self.decoding or (n == 1 and not first)  # one token on an empty cache: a prefill
@@ -125,6 +132,33 @@ class DenseStaticLayer(CacheLayerMixin):
         link_tensor(held_k, Link(self, dense=first and n > 1))
         self._unconsumed = True
         return held_k, held_v
+
+    @property
+    def fused(self) -> bool:
+        """Whether a one-token write is one Triton launch (CUDA, or ``backend="triton"`` under the interpreter)."""
+        from ..backends import triton_available
+
+        asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
+        return self.is_initialized and asked and triton_available() and self.keys.shape[-1] <= _MAX_HEAD_DIM
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
+               state: tuple | None = None) -> None:
+        """Write the new tokens at the device-side ``length`` and advance it (one launch where :attr:`fused`).
+
+        ``state``: ``(keys, values, length, counter)`` to write into instead of the layer's own.
+        """
+        keys, values, length, counter = state or (self.keys, self.values, self.length, self.counter)
+        n = key_states.shape[2]
+        if n == 1 and self.fused:
+            from ..launch.dense_write import dense_write
+
+            dense_write(keys, values, key_states, value_states, length, counter, advance)
+            return
+        positions = length + torch.arange(n, device=self.device)
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        if advance:
+            length += n
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         for name, new in (("key_states", key_states), ("value_states", value_states)):
@@ -165,19 +199,16 @@ class DenseStaticLayer(CacheLayerMixin):
                                               enable_gqa=query.shape[1] != key.shape[1])
 
     def bookkeeping_probe(self):
-        """A call doing this layer's per-step bookkeeping (the in-place K/V write) on scratch buffers."""
+        """A call doing this layer's per-step bookkeeping (the in-place K/V write) on scratch buffers.
+
+        Its ``length`` stays 0 (not advanced), so every call writes the same slot; the work is a real step's
+        (the device-side length advance aside).
+        """
         b, h, _, d = self.keys.shape
-        scratch = self.keys.new_zeros(2, b, h, 2, d)
-        new = self.keys.new_ones(2, b, h, 1, d)
-        length = torch.zeros((), dtype=torch.int64, device=self.device)
-
-        def write():
-            positions = length + torch.arange(1, device=self.device)
-            scratch[0].index_copy_(2, positions, new[0])
-            scratch[1].index_copy_(2, positions, new[1])
-            length.add_(1).remainder_(2)
-
-        return write
+        state = (self.keys.new_zeros(b, h, 1, d), self.keys.new_zeros(b, h, 1, d),
+                 torch.zeros((), dtype=torch.int64, device=self.device), torch.zeros_like(self.counter))
+        new = self.keys.new_ones(b, h, 1, d)
+        return lambda: self._write(new, new, advance=False, state=state)
 
     def get_seq_length(self) -> int:
         """Tokens held (the host mirror)."""
@@ -214,23 +245,27 @@ class DenseStaticCache(Cache):
         batch_size: optional; if given, the first keys' batch must equal it.
         max_tokens: prompt + generated tokens to hold (required).
         dtype: optional; if given, the keys must have it.
+        backend: ``"auto"`` (a decode step's write is one Triton launch per layer on CUDA, torch ops
+            elsewhere), ``"torch"`` or ``"triton"`` (the Triton write wherever Triton runs).
 
     Raises:
-        TypeError / ValueError: a missing or bad ``max_tokens``, ``batch_size`` or ``dtype``.
+        TypeError / ValueError: a missing or bad ``max_tokens``, ``batch_size``, ``dtype`` or ``backend``.
     """
 
     is_compileable = False
     captures_length = True
 
     def __init__(self, config=None, batch_size: int | None = None, max_tokens: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, backend: str = "auto"):
         if max_tokens is None:
             raise TypeError("DenseStaticCache needs max_tokens: the prompt + generated tokens it must hold")
         if dtype is not None and dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be None or one of {CACHE_DTYPES}, got {dtype!r}")
         self.max_tokens = check_positive_int("max_tokens", max_tokens)
         batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
-        self._expect = dict(batch_size=batch_size, dtype=dtype)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self._expect = dict(batch_size=batch_size, dtype=dtype, backend=backend)
         super().__init__(layers=[self._new_layer(i) for i in range(config_layers(config))])
 
     def _new_layer(self, layer_idx: int) -> DenseStaticLayer:
