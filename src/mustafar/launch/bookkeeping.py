@@ -11,8 +11,9 @@ from .common import cdiv, next_pow2, on_device
 
 __all__ = ["fused_bookkeeping", "fused_supported"]
 
-#: (batch, KV head) rows per program, at most.
-BLOCK_ROWS = 16
+#: (batch, KV head) rows per program, at most: as many as warps (4), so a row's reductions can stay in one warp, and
+#: a batch-1 step (8 rows) still spreads over two programs.
+BLOCK_ROWS = 4
 #: Head dims the kernel's one-tile rows take.
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,8 +9,9 @@ from .common import cdiv, next_pow2, on_device
 
 __all__ = ["dense_write"]
 
-#: (batch, KV head) rows per program, at most.
-BLOCK_ROWS = 16
+#: (batch, KV head) rows per program, at most: as many as warps (4), so a row's reductions can stay in one warp, and
+#: a batch-1 step (8 rows) still spreads over two programs.
+BLOCK_ROWS = 4
 
 
 def dense_write(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
