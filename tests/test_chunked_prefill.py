@@ -114,3 +114,38 @@ def test_multi_token_step_after_decoding_raises():
     _run(model, cache, torch.randint(128, (2, 10)), [10])
     with torch.no_grad(), pytest.raises(ValueError, match="only before the first one-token decode step"):
         model(torch.randint(128, (2, 3)), past_key_values=cache, position_ids=torch.arange(18, 21)[None])
+
+
+def test_chunk_attention_in_row_groups(monkeypatch):
+    """A batch whose history exceeds CHUNK_GROUP_BYTES is attended a few rows at a time: same logits."""
+    from mustafar.cache import static
+
+    cfg, model = _model()
+    prompt = torch.randint(128, (2, PROMPT))
+    _, first, _ = _run(model, _cache(cfg, 0.5), prompt, CHUNKS[0])
+    monkeypatch.setattr(static, "CHUNK_GROUP_BYTES", 1)
+    _, grouped, _ = _run(model, _cache(cfg, 0.5), prompt, CHUNKS[0])
+    torch.testing.assert_close(grouped, first, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["sparse", "dense"])
+def test_chunk_steps_get_no_mask(make):
+    """transformers builds no [batch, 1, chunk, held] mask for chunk steps (these caches read none)."""
+    from transformers import AttentionInterface
+
+    cfg, model = _model()
+    cache = _cache(cfg, 0.5) if make == "sparse" else mustafar.DenseStaticCache(cfg, 2, PROMPT + NEW)
+    masks = []
+    original = AttentionInterface()["mustafar"]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("mustafar", spy)
+    try:
+        _run(model, cache, torch.randint(128, (2, PROMPT)), [20, 20])
+    finally:
+        AttentionInterface.register("mustafar", original)
+    chunk_masks = masks[2:4]  # the second chunk, both layers
+    assert all(mask is None or mask.shape[-1] == 20 for mask in chunk_masks)

@@ -16,10 +16,12 @@ prefill. The model (weights excluded: they are already resident):
   output) and the fp32 RMSNorm temporaries (``3 * hidden`` fp32), times
   ``batch * prompt`` tokens.
 - **Transients of one layer**: the dense K and V of the prompt that a cache
-  copies during prefill (twice: the states and the copy; for a chunked prefill
-  of a static sparse cache, the decompressed K and V of every token held), and
-  for a chunked prefill transformers' bool mask (``batch * chunk * prompt``
-  bytes). Prefill activations then count ``batch * chunk`` tokens.
+  copies during prefill (twice: the states and the copy), and for a chunked
+  prefill of the eager caches transformers' bool mask (``batch * chunk *
+  prompt`` bytes). A chunked prefill of the static (graph-mode) caches builds no
+  mask and copies nothing beyond the chunk's states, plus, for the sparse one,
+  the decompressed history of a few rows at a time (``CHUNK_GROUP_BYTES``).
+  Prefill activations then count ``batch * chunk`` tokens.
 
 It is an estimate (a few per cent); a case predicted to fit that runs out of
 memory anyway is recorded as skipped with the error.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache.static import CHUNK_GROUP_BYTES
 from ..config import SparsityConfig
 from ..format import CAPACITY_GRANULE, bytes_per_token, dense_bytes_per_token
 
@@ -91,8 +94,11 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
     layer_kv = 2 * batch * dims["kv_heads"] * tokens * dims["head_dim"] * itemsize
     logits = 2 * batch * dims["vocab"] * _FP32_BYTES
     step = prompt if chunk is None else min(chunk, prompt)
-    prefill = rows * step * _activation_bytes_per_token(dims, itemsize) + 2 * layer_kv * rows // batch + logits
-    if step < prompt:  # later chunks: transformers' bool mask over every token held
-        prefill += rows * step * prompt
+    prefill = rows * step * _activation_bytes_per_token(dims, itemsize) + logits
+    if step < prompt and mode == "graph":  # static caches: the chunk's states, the sparse history in row groups
+        prefill += 4 * rows * dims["kv_heads"] * step * dims["head_dim"] * itemsize
+        prefill += 0 if setting.is_dense else min(CHUNK_GROUP_BYTES, layer_kv)
+    else:  # the layer's K and V copied (states and copy); chunks: transformers' bool mask over every token held
+        prefill += 2 * layer_kv * rows // batch + (rows * step * prompt if step < prompt else 0)
     decode = logits
     return {"kv": kv, "prefill": prefill, "decode": decode, "total": kv + max(prefill, decode)}

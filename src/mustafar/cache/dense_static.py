@@ -215,6 +215,11 @@ class DenseStaticLayer(CacheLayerMixin):
         return self.host_length
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask; a prefill chunk on a non-empty cache gets
+        ``query_length``: this cache's attention reads no mask, and a causal square needs none
+        (transformers then builds none, instead of a ``batch x chunk x held`` bool tensor)."""
+        if query_length > 1 and self.host_length:
+            return query_length, 0
         return self.host_length + query_length, 0
 
     def get_max_length(self) -> int:

@@ -64,6 +64,8 @@ from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer", "FUSED_ENV"]
 
+#: Bytes of dense K and V history a chunked prefill's attention builds at a time (a few batch rows at once).
+CHUNK_GROUP_BYTES = 512 * 2**20
 #: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
 #: prefills) off, for the unfused ops (a fallback; both give the same bits).
 FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
@@ -105,6 +107,7 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.key_store = self.value_store = self.length = self.counter = None
         self.host_length = 0  # mirror of `length` for eager callers; not advanced by graph replays
         self.decoding = self._unconsumed = False
+        self._chunk_history = None  # what the attention of the last prefill chunk reads (see _chunk)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate the ring, the stores (whole capacity) and ``length`` like ``key_states``.
@@ -223,33 +226,61 @@ class StaticMustafarLayer(CacheLayerMixin):
         return self._linked(key_states, value_states, dense=True)
 
     def _chunk(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A prefill chunk on a partly filled cache: return every token held, the older ones as pruned.
+        """A prefill chunk on a partly filled cache: store it, keep what its attention needs, return its states.
 
-        The returned K and V (``[batch, kv_heads, held + n, head_dim]``) are the store's tokens
-        decompressed, the ring's in token order, then the chunk's own (dense); the attention reads them
-        with :func:`mustafar.chunk_attention.chunk_attention` (see :meth:`attend`). The tokens that
-        leave the window are pruned and compressed into the store; the ring keeps the last ``window``.
+        The attention (:meth:`attend`) reads every token held before the chunk as the chunk's
+        queries see it: the store's tokens pruned, the window's (the ring before this chunk) dense,
+        then the chunk's own. The tokens that leave the window are pruned and compressed into the
+        store; the ring keeps the last ``window``.
         """
         held, n, w = self.host_length, key_states.shape[2], self.window
         stored, new_stored = max(0, held - w), max(0, held + n - w)
         ring_slots = torch.arange(stored, held, device=self.device) % w
-        out = []
+        windows = []
         for ring, store, new in ((self.keys, self.key_store, key_states), (self.values, self.value_store,
                                                                            value_states)):
-            values, bitmaps = store.storage
-            everything = torch.empty(*new.shape[:2], held + n, new.shape[3], dtype=new.dtype, device=self.device)
-            _expand_into(values[:, :, :stored], bitmaps[:, :, :stored], everything[:, :, :stored], self.fused)
-            everything[:, :, stored:held] = ring.index_select(2, ring_slots)
-            everything[:, :, held:] = new
+            window = ring.index_select(2, ring_slots)  # tokens stored .. held-1, in order, before this chunk
             if new_stored > stored:
-                append(store, everything[:, :, stored:new_stored])
+                append(store, torch.cat([window, new], dim=2)[:, :, :new_stored - stored])
             first = max(new_stored, held)  # the ring's slots of tokens first .. held+n-1 take the new tokens
             slots = torch.arange(first, held + n, device=self.device) % w
             ring.index_copy_(2, slots, new[:, :, first - held:])
-            out.append(everything)
+            windows.append(window)
+        self._chunk_history = (stored, *windows)
         self.length.fill_(held + n)
         self.host_length = held + n
-        return self._linked(out[0], out[1], dense=False)
+        return self._linked(key_states, value_states, dense=False)
+
+    def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """A chunk's attention over the tokens held before it (see :meth:`_chunk`) and its own.
+
+        The dense K and V of the history are built for a few batch rows at a time (at most
+        :data:`CHUNK_GROUP_BYTES`), so the transient memory does not grow with the batch.
+        """
+        stored, key_window, value_window = self._chunk_history
+        batch, kv_heads, n, head_dim = key.shape
+        tokens = stored + key_window.shape[2] + n
+        row_bytes = 2 * kv_heads * tokens * head_dim * key.element_size()
+        group = max(1, min(batch, CHUNK_GROUP_BYTES // row_bytes))
+        out = torch.empty_like(query)
+        for first in range(0, batch, group):
+            rows = slice(first, first + group)
+            keys = self._history(self.key_store, stored, key_window[rows], key[rows], rows)
+            values = self._history(self.value_store, stored, value_window[rows], value[rows], rows)
+            out[rows] = chunk_attention(query[rows], keys, values, scale)
+        return out
+
+    def _history(self, store: BitmapKV, stored: int, window: torch.Tensor, new: torch.Tensor,
+                 rows: slice) -> torch.Tensor:
+        """Dense ``[rows, kv_heads, stored + window + n, head_dim]``: store rows decompressed, window, new."""
+        values, bitmaps = store.storage
+        held = stored + window.shape[2]
+        out = torch.empty(*new.shape[:2], held + new.shape[2], new.shape[3], dtype=new.dtype, device=new.device)
+        _expand_into(values[rows, :, :stored], bitmaps[rows, :, :stored], out[:, :, :stored], self.fused)
+        out[:, :, stored:held] = window
+        out[:, :, held:] = new
+        return out
 
     def _linked(self, keys, values, dense: bool):
         link_tensor(keys, Link(self, dense))
@@ -300,7 +331,7 @@ class StaticMustafarLayer(CacheLayerMixin):
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
         """Static decode attention, or a prefill chunk's (the mask is not read: no padding in this cache)."""
         if query.shape[2] > 1:
-            return chunk_attention(query, key, value, scale)
+            return self._chunk_attention(query, key, value, scale)
         return static_decode_attention(query, self.key_store, self.value_store, self.keys, self.values,
                                        self.length, scale=scale, backend=self.backend)
 
@@ -309,6 +340,11 @@ class StaticMustafarLayer(CacheLayerMixin):
         return self.host_length
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask; a prefill chunk on a non-empty cache gets
+        ``query_length``: this cache's attention reads no mask, and a causal square needs none
+        (transformers then builds none, instead of a ``batch x chunk x held`` bool tensor)."""
+        if query_length > 1 and self.host_length:
+            return query_length, 0
         return self.host_length + query_length, 0
 
     def get_max_length(self) -> int:
