@@ -218,6 +218,8 @@ class DenseStaticLayer(CacheLayerMixin):
         """``(kv_length, kv_offset)`` for transformers' mask; a prefill chunk on a non-empty cache gets
         ``query_length``: this cache's attention reads no mask, and a causal square needs none
         (transformers then builds none, instead of a ``batch x chunk x held`` bool tensor)."""
+        if isinstance(query_length, torch.Tensor):  # older transformers pass the cache positions
+            query_length = query_length.shape[-1]
         if query_length > 1 and self.host_length:
             return query_length, 0
         return self.host_length + query_length, 0
