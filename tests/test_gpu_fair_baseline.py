@@ -29,8 +29,8 @@ def _model(dtype=torch.float16):
     return cfg, model.eval()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bh, head_dim", [((1, 8), 128), ((16, 8), 128), ((3, 3), 64)])
+@pytest.mark.parametrize("dtype, bh, head_dim", [(torch.float16, (1, 8), 128), (torch.float16, (16, 8), 128),
+                                                 (torch.bfloat16, (3, 3), 64)])
 def test_fused_bookkeeping_equals_unfused_on_the_gpu(dtype, bh, head_dim):
     torch.manual_seed(0)
     layers = [StaticMustafarLayer(80, 0.7, 0.5, 32, backend=b) for b in ("torch", "auto")]
@@ -76,7 +76,7 @@ def test_fused_bookkeeping_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n, t", [(1, 100), (64, 64), (128, 1000), (37, 4133)])
+@pytest.mark.parametrize("n, t", [(64, 64), (128, 1000), (37, 4133)])
 def test_chunk_attention_on_the_gpu(dtype, n, t):
     torch.manual_seed(n + t)
     query = torch.randn(2, 32, n, 128, device="cuda", dtype=dtype)
