@@ -118,12 +118,12 @@ def test_multi_token_step_after_decoding_raises():
 
 def test_chunk_attention_in_row_groups(monkeypatch):
     """A batch whose history exceeds CHUNK_GROUP_BYTES is attended a few rows at a time: same logits."""
-    from mustafar.cache import static
+    from mustafar.cache import static_steps
 
     cfg, model = _model()
     prompt = torch.randint(128, (2, PROMPT))
     _, first, _ = _run(model, _cache(cfg, 0.5), prompt, CHUNKS[0])
-    monkeypatch.setattr(static, "CHUNK_GROUP_BYTES", 1)
+    monkeypatch.setattr(static_steps, "CHUNK_GROUP_BYTES", 1)
     _, grouped, _ = _run(model, _cache(cfg, 0.5), prompt, CHUNKS[0])
     torch.testing.assert_close(grouped, first, rtol=0, atol=1e-6)
 

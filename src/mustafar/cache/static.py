@@ -48,27 +48,20 @@ Example::
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from ..attention import Link, link_tensor
-from ..chunk_attention import chunk_attention
-from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token, expand
+from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
 from ..ops import append
 from .dynamic import check_backend, check_layer_idx
 from .rules import pads_from_mask
-from .static_ops import static_decode_attention, static_evict
+from .static_ops import static_decode_attention
+from .static_steps import CHUNK_GROUP_BYTES, FUSED_ENV, StaticSteps
 
-__all__ = ["StaticMustafarCache", "StaticMustafarLayer", "FUSED_ENV"]
+__all__ = ["StaticMustafarCache", "StaticMustafarLayer", "FUSED_ENV", "CHUNK_GROUP_BYTES"]
 
-#: Bytes of dense K and V history a chunked prefill's attention builds at a time (a few batch rows at once).
-CHUNK_GROUP_BYTES = 512 * 2**20
-#: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
-#: prefills) off, for the unfused ops (a fallback; both give the same bits).
-FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
 
 #: Message of the ``NotImplementedError`` raised by ``crop``.
 _NO_CROP = ("StaticMustafarCache cannot crop (remove tokens): each decode step prunes the oldest window token into "
@@ -78,7 +71,7 @@ _NO_ROWS = ("StaticMustafarCache cannot reorder, select or repeat batch rows (be
             "once for graph replays; use MustafarCache")
 
 
-class StaticMustafarLayer(CacheLayerMixin):
+class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
     """One layer: a store for ``max_tokens - window`` tokens and a ring of ``window`` dense slots.
 
     Both are allocated at the first :meth:`update`, like its ``key_states`` (batch, KV heads,
@@ -157,56 +150,6 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.host_length += 1
         return self._linked(self.keys, self.values, dense=False)
 
-    @property
-    def fused(self) -> bool:
-        """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter)."""
-        from ..backends import triton_available
-        from ..launch.bookkeeping import fused_supported
-
-        asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
-        allowed = os.environ.get(FUSED_ENV, "1") != "0"
-        return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
-
-    def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
-                     state: tuple | None = None) -> None:
-        """Evict the oldest ring token into the store, write the new one, advance ``length`` (on the device).
-
-        One fused Triton launch where :attr:`fused`, else the unfused ops (the reference of the fused
-        kernel: bit-identical stores). ``state``: ``(keys, values, key_store, value_store, length,
-        counter)`` to work on instead of the layer's own (the benchmark's timer uses scratch copies).
-        """
-        keys, values, key_store, value_store, length, counter = state or (
-            self.keys, self.values, self.key_store, self.value_store, self.length, self.counter)
-        if self.fused:
-            from ..launch.bookkeeping import fused_bookkeeping
-
-            fused_bookkeeping(key_states, value_states, keys, values, key_store, value_store, length, counter,
-                              advance)
-            return
-        static_evict(keys, key_store, length, self.backend)
-        static_evict(values, value_store, length, self.backend)
-        slot = (length % self.window).view(1)
-        keys.index_copy_(2, slot, key_states)
-        values.index_copy_(2, slot, value_states)
-        if advance:
-            length += 1
-
-    def bookkeeping_probe(self):
-        """A call doing one decode step's bookkeeping of this layer on scratch buffers of its shapes.
-
-        The scratch ring and one-granule stores hold copies of this layer's ring; ``length`` is set so
-        that every call compresses a token (the store row 0), so the work equals a real step's.
-        """
-        from ..format import CAPACITY_GRANULE
-
-        b, h, w, d = self.keys.shape
-        stores = [BitmapKV.empty(b, h, d, store.sparsity, self.dtype, self.device, capacity=CAPACITY_GRANULE)
-                  for store in (self.key_store, self.value_store)]
-        length = torch.full((), w, dtype=torch.int64, device=self.device)
-        state = (self.keys.clone(), self.values.clone(), *stores, length, torch.zeros_like(self.counter))
-        new_k, new_v = self.keys[:, :, :1].clone(), self.values[:, :, :1].clone()
-        return lambda: self._bookkeeping(new_k, new_v, advance=False, state=state)
-
     def _prefill(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.decoding:
             raise ValueError("StaticMustafarCache takes multi-token steps (the prefill, whole or chunked) only "
@@ -224,63 +167,6 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.length.fill_(n)
         self.host_length = n
         return self._linked(key_states, value_states, dense=True)
-
-    def _chunk(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A prefill chunk on a partly filled cache: store it, keep what its attention needs, return its states.
-
-        The attention (:meth:`attend`) reads every token held before the chunk as the chunk's
-        queries see it: the store's tokens pruned, the window's (the ring before this chunk) dense,
-        then the chunk's own. The tokens that leave the window are pruned and compressed into the
-        store; the ring keeps the last ``window``.
-        """
-        held, n, w = self.host_length, key_states.shape[2], self.window
-        stored, new_stored = max(0, held - w), max(0, held + n - w)
-        ring_slots = torch.arange(stored, held, device=self.device) % w
-        windows = []
-        for ring, store, new in ((self.keys, self.key_store, key_states), (self.values, self.value_store,
-                                                                           value_states)):
-            window = ring.index_select(2, ring_slots)  # tokens stored .. held-1, in order, before this chunk
-            if new_stored > stored:
-                append(store, torch.cat([window, new], dim=2)[:, :, :new_stored - stored])
-            first = max(new_stored, held)  # the ring's slots of tokens first .. held+n-1 take the new tokens
-            slots = torch.arange(first, held + n, device=self.device) % w
-            ring.index_copy_(2, slots, new[:, :, first - held:])
-            windows.append(window)
-        self._chunk_history = (stored, *windows)
-        self.length.fill_(held + n)
-        self.host_length = held + n
-        return self._linked(key_states, value_states, dense=False)
-
-    def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-        """A chunk's attention over the tokens held before it (see :meth:`_chunk`) and its own.
-
-        The dense K and V of the history are built for a few batch rows at a time (at most
-        :data:`CHUNK_GROUP_BYTES`), so the transient memory does not grow with the batch.
-        """
-        stored, key_window, value_window = self._chunk_history
-        batch, kv_heads, n, head_dim = key.shape
-        tokens = stored + key_window.shape[2] + n
-        row_bytes = 2 * kv_heads * tokens * head_dim * key.element_size()
-        group = max(1, min(batch, CHUNK_GROUP_BYTES // row_bytes))
-        out = torch.empty_like(query)
-        for first in range(0, batch, group):
-            rows = slice(first, first + group)
-            keys = self._history(self.key_store, stored, key_window[rows], key[rows], rows)
-            values = self._history(self.value_store, stored, value_window[rows], value[rows], rows)
-            out[rows] = chunk_attention(query[rows], keys, values, scale)
-        return out
-
-    def _history(self, store: BitmapKV, stored: int, window: torch.Tensor, new: torch.Tensor,
-                 rows: slice) -> torch.Tensor:
-        """Dense ``[rows, kv_heads, stored + window + n, head_dim]``: store rows decompressed, window, new."""
-        values, bitmaps = store.storage
-        held = stored + window.shape[2]
-        out = torch.empty(*new.shape[:2], held + new.shape[2], new.shape[3], dtype=new.dtype, device=new.device)
-        _expand_into(values[rows, :, :stored], bitmaps[rows, :, :stored], out[:, :, :stored], self.fused)
-        out[:, :, stored:held] = window
-        out[:, :, held:] = new
-        return out
 
     def _linked(self, keys, values, dense: bool):
         link_tensor(keys, Link(self, dense))
@@ -477,18 +363,6 @@ class StaticMustafarCache(Cache):
         """Bytes allocated (stores for ``max_tokens`` + rings), all layers; 0 before the prefill."""
         return self._bytes(lambda layer: layer.key_store.allocated_nbytes + layer.value_store.allocated_nbytes
                            + 2 * layer.keys.numel() * layer.keys.element_size())
-
-
-def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor, triton: bool) -> None:
-    """Decompress store rows into ``out`` (the Triton kernel where it runs, else :func:`mustafar.format.expand`)."""
-    if out.shape[2] == 0:
-        return
-    if triton:
-        from ..launch.expand import expand_triton
-
-        expand_triton(values, bitmaps, out)
-        return
-    out.copy_(expand(values, bitmaps, out.shape[3]))
 
 
 def config_layers(config) -> int:
