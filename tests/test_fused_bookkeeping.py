@@ -1,4 +1,4 @@
-"""The fused decode bookkeeping kernel and the decompress kernel (Triton, interpreter on the CPU) vs the unfused path."""
+"""The fused decode bookkeeping and decompress kernels (Triton; the interpreter on a CPU) vs the unfused path."""
 
 from __future__ import annotations
 

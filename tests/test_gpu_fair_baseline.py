@@ -105,7 +105,8 @@ def test_dense_static_matches_dynamic_cache_on_the_gpu():
     cfg, model = _model(torch.float32)
     prompt = torch.randint(256, (3, 200), device="cuda")
     with torch.no_grad():
-        expected = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=transformers.DynamicCache())
+        expected = model.generate(prompt, max_new_tokens=16, do_sample=False,
+                                  past_key_values=transformers.DynamicCache())
     tokens, _ = graph_decode(model, mustafar.DenseStaticCache(cfg, 3, 216), prompt, 16, capture=True)
     assert torch.equal(tokens, expected[:, 200:])
     with torch.no_grad():

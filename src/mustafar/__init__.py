@@ -23,7 +23,8 @@ from .pruning import (
 
 __all__ = [
     "ATTENTION_NAME", "SETTINGS", "BitmapKV", "DenseStaticCache", "MustafarCache", "MustafarLayer", "SparsityConfig",
-    "StaticMustafarCache", "UnsupportedHardwareError", "available_backends", "bytes_per_token", "compress", "dense_bytes_per_token",
+    "StaticMustafarCache", "UnsupportedHardwareError", "available_backends", "bytes_per_token", "compress",
+    "dense_bytes_per_token",
     "keep_count", "load_model", "mustafar_attention_forward", "parse_setting", "prune_output_aware",
     "prune_per_channel", "prune_per_token", "prune_think", "resolve_backend", "sparse_decode_attention",
 ]

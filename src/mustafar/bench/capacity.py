@@ -1,28 +1,28 @@
-"""Capacity: the largest batch whose prefill and a few decode steps fit in a memory budget.
+"""Capacity: the largest batch whose prefill and a few decode steps fit a memory budget.
 
 Search (:func:`find_max_batch`): from a start batch (the runner starts at the
 memory model's prediction, :func:`predicted_max_batch`; else 1), galloping up
 while the probe fits (or down while it does not), then bisection between the
-last batch that fit and the first that did not. A probe
-(:func:`make_probe`) starts from a fresh state (garbage collected, allocator
-cache emptied, peak counter reset), caps the caching allocator at the budget
-(``torch.cuda.set_per_process_memory_fraction``, so that a probe over the
-budget fails at its first allocation beyond it instead of running on), builds a
-cache, prefills random prompts and decodes a few steps eagerly at ``batch``. With
-``prefill="one"`` (the default of ``generate`` mode) it prefills one sequence and
-repeats its cache to ``batch`` rows (``batch_repeat_interleave``, as beam search
-does): the cache's bytes do not depend on the tokens, and the prefill's
-activations are then those of one sequence, as in a serving engine that
-prefills sequences one at a time or in chunks; otherwise (``"batch"``, and
-always in ``graph`` mode, whose static caches are sized for the batch) the
-whole batch is prefilled, and its activations can bound the batch before the
-cache does, unless it is prefilled in chunks (``chunk``: the activations are then
-those of ``batch * chunk`` tokens, as in a serving engine's chunked prefill). Without device memory counters (a CPU) a batch fits when
-its prediction is within the budget, with no slack, and the probe says so. It
-fits when it raised no out-of-memory error and the peak allocated bytes
-(weights included) stayed within the budget. A batch predicted
-(:mod:`mustafar.bench.memory`) above ``budget * (1 + slack)`` counts as not
-fitting without running.
+last batch that fit and the first that did not. A probe (:func:`make_probe`)
+starts from a fresh state (garbage collected, allocator cache emptied, peak
+counter reset), caps the caching allocator at the budget
+(``torch.cuda.set_per_process_memory_fraction``, so that a probe over the budget
+fails at its first allocation beyond it instead of running on), builds a cache,
+prefills random prompts and decodes a few steps eagerly at ``batch``. With
+``prefill="one"`` (the default of ``generate`` mode) it prefills one sequence
+and repeats its cache to ``batch`` rows (``batch_repeat_interleave``, as beam
+search does): the cache's bytes do not depend on the tokens, and the prefill's
+activations are then those of one sequence, as in a serving engine that prefills
+sequences one at a time or in chunks; otherwise (``"batch"``, and always in
+``graph`` mode, whose static caches are sized for the batch) the whole batch is
+prefilled, and its activations can bound the batch before the cache does, unless
+it is prefilled in chunks (``chunk``: the activations are then those of
+``batch * chunk`` tokens, as in a serving engine's chunked prefill). Without device
+memory counters (a CPU) a batch fits when its prediction is within the budget,
+with no slack, and the probe says so. It fits when it raised no out-of-memory
+error and the peak allocated bytes (weights included) stayed within the budget.
+A batch predicted (:mod:`mustafar.bench.memory`) above ``budget * (1 + slack)``
+counts as not fitting without running.
 
 The probe is injectable, so the search is tested without a GPU.
 """

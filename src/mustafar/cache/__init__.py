@@ -16,5 +16,6 @@ from .layer import NO_OFFLOADING, MustafarLayer
 from .static import StaticMustafarCache, StaticMustafarLayer
 from .static_ops import static_decode_attention, static_evict
 
-__all__ = ["DenseStaticCache", "DenseStaticLayer", "MustafarCache", "MustafarLayer", "NO_OFFLOADING", "StaticMustafarCache", "StaticMustafarLayer",
+__all__ = ["DenseStaticCache", "DenseStaticLayer", "MustafarCache", "MustafarLayer", "NO_OFFLOADING",
+           "StaticMustafarCache", "StaticMustafarLayer",
            "check_backend", "check_layer_idx", "static_decode_attention", "static_evict"]

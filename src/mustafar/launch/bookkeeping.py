@@ -67,6 +67,7 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
             v_vals, *v_vals.stride()[:3], v_bits, *v_bits.stride()[:3],
             length, counter, h, rows, w, k_vals.shape[2],
             keep_count(d, key_store.sparsity), keep_count(d, value_store.sparsity),
-            D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d), KEY_BITS=31 if key_ring.dtype == torch.float32 else 15,
+            D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d),
+            KEY_BITS=31 if key_ring.dtype == torch.float32 else 15,
             BLOCK_R=block, ADVANCE=advance, num_warps=4,
         )
