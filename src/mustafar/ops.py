@@ -6,6 +6,10 @@ the CPU under ``TRITON_INTERPRET=1``) and ``"cuda"`` (the CUDA C++ decode kernel
 of ``csrc/``, compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16
 query rows per KV head). ``"auto"`` picks CUDA where it applies, then Triton,
 for CUDA tensors, and the reference otherwise.
+
+FP8 kept values (stores with ``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`) are served by Triton
+and the reference; the CUDA kernels do not read them (:func:`cuda_serves_kept` says so), so ``"auto"`` sends
+them to Triton on a GPU and ``"cuda"`` raises :class:`UnsupportedHardwareError`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from ._checks import check_head_dim, check_positive_int, check_scale, check_tensor
 from .format import BitmapKV, num_words
+from .fp8 import FP8_DTYPE, is_fp8, quantize_kept
 from .pruning import keep_count
 from .reference import compress_reference, decode_attention_reference
 
@@ -44,6 +49,11 @@ def available_backends() -> list[str]:
     return ["torch"] + (["triton"] if triton_available() else []) + (["cuda"] if cuda_available() else [])
 
 
+def cuda_serves_kept(*stores: BitmapKV) -> bool:
+    """Whether the CUDA kernels read these stores' kept values: not FP8 ones (Triton and the reference do)."""
+    return not any(store.is_fp8 for store in stores)
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -57,23 +67,30 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def compress_into(
-    x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto"
+    x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto",
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place.
 
     ``values``: ``[b, h, capacity, k_keep]`` of ``x``'s dtype and ``bitmaps``: ``[b, h, capacity, ceil(d/64)]``
     int64 (a store's :attr:`~mustafar.format.BitmapKV.storage`), rows contiguous, on ``x``'s device;
-    ``0 <= offset`` and ``offset + n <= capacity``. Backends as for :func:`sparse_decode_attention`; all give
-    identical bits.
+    ``0 <= offset`` and ``offset + n <= capacity``. FP8 kept values: ``values`` of dtype ``float8_e4m3fn``
+    and ``scales [b, h, capacity]`` of ``x``'s dtype (:attr:`~mustafar.format.BitmapKV.scale_storage`), the
+    rule of :mod:`mustafar.fp8`. Backends as for :func:`sparse_decode_attention`; all give identical bits.
 
     Raises:
         TypeError / ValueError: any of the above not met.
+        UnsupportedHardwareError: ``backend="cuda"`` with FP8 kept values.
     """
-    _check_compress_inputs(x, sparsity, values, bitmaps, offset)
+    _check_compress_inputs(x, sparsity, values, bitmaps, offset, scales)
     n = x.shape[2]
     out_values, out_bitmaps = values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n]
+    out_scales = None if scales is None else scales[:, :, offset : offset + n]
     chosen = _resolve_backend(backend, x.device)
-    if chosen in ("cuda", "triton") and backend != "triton":
+    if chosen == "cuda" and scales is not None:
+        raise UnsupportedHardwareError("backend='cuda' does not compress FP8 kept values (float8_e4m3fn); use "
+                                       "'auto' or 'triton'")
+    if chosen in ("cuda", "triton") and backend != "triton" and scales is None:
         from .launch.cuda import compress_cuda, compress_supported
 
         if compress_supported(x, out_values, out_bitmaps):
@@ -87,17 +104,28 @@ def compress_into(
     if chosen in ("cuda", "triton"):
         from .launch.compress import compress_triton
 
-        compress_triton(x, sparsity, out_values, out_bitmaps)
+        compress_triton(x, sparsity, out_values, out_bitmaps, out_scales)
         return
-    out_values[...], out_bitmaps[...] = compress_reference(x, sparsity)
+    kept, out_bitmaps[...] = compress_reference(x, sparsity)
+    if scales is None:
+        out_values[...] = kept
+    else:
+        out_values[...], out_scales[...] = quantize_kept(kept)
 
 
-def _check_compress_inputs(x, sparsity, values, bitmaps, offset) -> None:
+def _check_compress_inputs(x, sparsity, values, bitmaps, offset, scales=None) -> None:
     check_tensor("x", x, ndim=4)
     b, h, n, d = x.shape
     check_head_dim("x", d)
     k_keep = keep_count(d, sparsity)
-    check_tensor("values", values, ndim=4, dtypes=(x.dtype,))
+    check_tensor("values", values, ndim=4, dtypes=(x.dtype,) if scales is None else (FP8_DTYPE,))
+    if scales is not None:
+        check_tensor("scales", scales, ndim=3, dtypes=(x.dtype,))
+        if scales.shape != values.shape[:3] or scales.device != x.device or scales.stride(-1) != 1:
+            raise ValueError(f"scales must be {tuple(values.shape[:3])}, contiguous, on {x.device}, got "
+                             f"{tuple(scales.shape)} on {scales.device}")
+    elif is_fp8(values.dtype):
+        raise TypeError("scales must be given with float8_e4m3fn values, got None")
     check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
     if values.shape[:2] != (b, h) or values.shape[3] != k_keep or bitmaps.shape != values.shape[:3] + (
             num_words(d),):
@@ -213,7 +241,11 @@ def decode_attention_unchecked(query, key_cache, value_cache, key_window, value_
     if chosen in ("cuda", "triton") and backend != "triton":
         from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
 
-        if cuda_available() and cuda_supported(query, key_cache, value_cache, key_window, attention_mask):
+        if chosen == "cuda" and not cuda_serves_kept(key_cache, value_cache):
+            raise UnsupportedHardwareError("backend='cuda' does not read FP8 kept values (float8_e4m3fn); use "
+                                           "'auto' (Triton on a GPU) or 'triton'")
+        if cuda_serves_kept(key_cache, value_cache) and cuda_available() \
+                and cuda_supported(query, key_cache, value_cache, key_window, attention_mask):
             return decode_attention_cuda(query, key_cache, value_cache, key_window, value_window, scale,
                                          attention_mask)
         if chosen == "cuda":

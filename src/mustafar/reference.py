@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from .format import compress_mask, expand
+from .fp8 import dequantize_kept, quantize_kept
 from .pruning import keep_count, topk_mask
 
-__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference"]
+__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference", "prune_kept_reference"]
 
 
 def compress_reference(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,6 +22,18 @@ def compress_reference(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, 
     """
     k_keep = keep_count(x.shape[-1], sparsity)
     return compress_mask(x, topk_mask(x.abs(), k_keep), k_keep)
+
+
+def prune_kept_reference(x: torch.Tensor, sparsity: float, fp8: bool) -> torch.Tensor:
+    """``x [..., head_dim]`` pruned per token, and with ``fp8`` its kept values quantised to e4m3 and back.
+
+    What a store of kept dtype FP8 (or the cache dtype) decompresses to, in ``x``'s dtype: the attention
+    reads window tokens that the rule prunes through it, so they match the store bit for bit.
+    """
+    values, bitmaps = compress_reference(x, sparsity)
+    if fp8:
+        values = dequantize_kept(*quantize_kept(values))
+    return expand(values, bitmaps, x.shape[-1])
 
 
 def decompress_reference(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
