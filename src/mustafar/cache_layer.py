@@ -41,6 +41,7 @@ from ._checks import check_positive_int, check_sparsity
 from .attention import Link, held_mask, link_tensor
 from .cache_rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
 from .format import BitmapKV
+from .fp8 import check_kept_dtype, is_fp8
 from .model_support import check_reader
 from .ops import BACKENDS, decode_attention_unchecked
 
@@ -61,7 +62,7 @@ class MustafarLayer(CacheLayerMixin):
         pads: left-padding tokens per batch row (read from the prefill's attention mask, and from later
             updates' masks while a row holds only padding).
         record_past: keep the last update's tokens dense so that ``crop`` can remove them exactly.
-        window, chunk, backend: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
+        window, chunk, backend, kept_dtype: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
     """
 
     is_compileable = False
@@ -69,7 +70,7 @@ class MustafarLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, key_sparsity: float, value_sparsity: float, window: int, chunk: int, backend: str = "auto",
-                 layer_idx: int = 0, record_past: bool = False):
+                 layer_idx: int = 0, record_past: bool = False, kept_dtype: torch.dtype | None = None):
         super().__init__()
         self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
         self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
@@ -78,6 +79,7 @@ class MustafarLayer(CacheLayerMixin):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.layer_idx, self.record_past = backend, layer_idx, bool(record_past)
+        self.kept_dtype = check_kept_dtype(kept_dtype)
         self.key_store: BitmapKV | None = None
         self.value_store: BitmapKV | None = None
         self.pads: list[int] = []
@@ -96,8 +98,11 @@ class MustafarLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
         b, h, _, d = key_states.shape
-        self.key_store = BitmapKV.empty(b, h, d, self.key_sparsity, dtype=key_states.dtype, device=self.device)
-        self.value_store = BitmapKV.empty(b, h, d, self.value_sparsity, dtype=value_states.dtype, device=self.device)
+        kept = self.kept_dtype
+        self.key_store = BitmapKV.empty(b, h, d, self.key_sparsity, dtype=key_states.dtype, device=self.device,
+                                        kept_dtype=kept)
+        self.value_store = BitmapKV.empty(b, h, d, self.value_sparsity, dtype=value_states.dtype, device=self.device,
+                                          kept_dtype=kept)
         self.pads = [0] * b
         self.is_initialized = True
 
@@ -220,8 +225,9 @@ class MustafarLayer(CacheLayerMixin):
         if self._padding_from is not None and total - self._padding_from > 1:
             # a row that held only padding before this update: its first real tokens are its prefill, dense
             lags = [0 if p >= self._padding_from else lag for p, lag in zip(self.pads, lags)]
-        key = prune_rows_prefix(key, lags, self.key_sparsity)
-        value = prune_rows_prefix(value, lags, self.value_sparsity)
+        fp8 = is_fp8(self.kept_dtype)
+        key = prune_rows_prefix(key, lags, self.key_sparsity, fp8)
+        value = prune_rows_prefix(value, lags, self.value_sparsity, fp8)
         window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         return decode_attention_unchecked(query, self.key_store, self.value_store, *window, scale, self.backend,
@@ -252,7 +258,7 @@ class MustafarLayer(CacheLayerMixin):
         return stores + window_bytes(self.keys) + window_bytes(self.values)
 
     nbytes = property(lambda self: self._total("nbytes", _held_bytes),
-                      doc="Bytes of the tokens held: store values + bitmaps (K and V) + the dense window.")
+                      doc="Bytes of the tokens held: store values + bitmaps (+ FP8 scales), K and V, + the dense window.")
     dense_nbytes = property(lambda self: self._total("dense_nbytes", _held_bytes),
                             doc="Bytes a dense cache of the same tokens would hold (same dtype).")
     allocated_nbytes = property(lambda self: self._total("allocated_nbytes", lambda t: t.untyped_storage().nbytes()),

@@ -29,11 +29,13 @@ import torch
 
 from ._checks import CACHE_DTYPES
 
-__all__ = ["E4M3_MAX", "FP8_DTYPE", "check_kept_dtype", "is_fp8", "quantize_kept", "dequantize_kept",
+__all__ = ["E4M3_MAX", "FP8_DTYPE", "FP8_NAMES", "check_kept_dtype", "is_fp8", "quantize_kept", "dequantize_kept",
            "kept_itemsize", "scale_itemsize"]
 
 #: The FP8 kept dtype (``None`` where this torch build lacks it).
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+#: Names that ``kept_dtype`` also accepts for FP8 (the settings' ``-fp8`` suffix uses them).
+FP8_NAMES = ("fp8", "float8_e4m3fn", "torch.float8_e4m3fn")
 #: e4m3's largest finite value: the largest kept magnitude of a token maps to it.
 E4M3_MAX = 448.0
 
@@ -44,21 +46,27 @@ def is_fp8(dtype: torch.dtype | None) -> bool:
 
 
 def check_kept_dtype(kept_dtype: object, cache_dtype: torch.dtype | None = None) -> torch.dtype | None:
-    """``kept_dtype`` checked: ``None`` (the cache dtype), the cache dtype itself, or ``torch.float8_e4m3fn``.
+    """``kept_dtype`` checked: ``None`` (the cache dtype), the cache dtype, ``torch.float8_e4m3fn`` or "fp8".
 
-    Returns ``FP8_DTYPE`` for FP8, else ``None`` (kept values in the cache dtype).
+    Returns ``FP8_DTYPE`` for FP8, else ``None`` (kept values in the cache dtype). With ``cache_dtype`` None
+    (not known yet, e.g. a cache before its first update), any cache dtype (fp16/bf16/fp32) is returned as
+    given, to be checked again against the states' dtype.
 
     Raises:
-        TypeError: anything else (``torch.int8``, ``torch.float8_e5m2``, a string, another float dtype),
-            or FP8 asked for on a torch build without ``float8_e4m3fn``.
+        TypeError: anything else (``torch.int8``, ``torch.float8_e5m2``, a string, a dtype other than the
+            cache dtype), or FP8 asked for on a torch build without ``float8_e4m3fn``.
     """
     if kept_dtype is None or (cache_dtype is not None and kept_dtype == cache_dtype):
         return None
     if isinstance(kept_dtype, torch.dtype) and is_fp8(kept_dtype):
         return FP8_DTYPE
-    if FP8_DTYPE is None and str(kept_dtype) == "torch.float8_e4m3fn":
-        raise TypeError(f"kept_dtype=torch.float8_e4m3fn needs a torch build with float8 dtypes (torch "
-                        f"{torch.__version__} lacks it)")
+    if isinstance(kept_dtype, str) and kept_dtype in FP8_NAMES:
+        if FP8_DTYPE is None:
+            raise TypeError(f"kept_dtype={kept_dtype!r} needs a torch build with torch.float8_e4m3fn (torch "
+                            f"{torch.__version__} lacks it)")
+        return FP8_DTYPE
+    if cache_dtype is None and kept_dtype in CACHE_DTYPES:
+        return kept_dtype
     cache = "the cache dtype" if cache_dtype is None else f"the cache dtype {cache_dtype}"
     raise TypeError(f"kept_dtype must be None ({cache}) or torch.float8_e4m3fn, got "
                     f"{kept_dtype!r} ({type(kept_dtype).__name__})")

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_scale, check_tensor
-from .format import BitmapKV, expand
-from .ops import UnsupportedHardwareError, _resolve_backend
+from .format import BitmapKV, expand_store
+from .fp8 import quantize_kept
+from .ops import UnsupportedHardwareError, _resolve_backend, cuda_serves_kept
 from .reference import compress_reference, decode_attention_reference
 
 __all__ = ["static_decode_attention", "static_evict"]
@@ -61,7 +62,7 @@ def static_decode_attention(
         length: int64 scalar tensor on the query's device: tokens held, the current one included.
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: ``"auto"`` (the CUDA kernel where it applies, else the reference), ``"cuda"`` or ``"torch"``
-            (``"triton"`` has no static form and uses the reference).
+            (``"triton"`` has no static form and uses the reference). FP8 kept values: the reference.
 
     Returns:
         ``[batch, q_heads, 1, head_dim]`` in the query's dtype.
@@ -74,13 +75,15 @@ def static_decode_attention(
     if _resolve_backend(backend, query.device) != "torch":
         from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
 
-        if cuda_available() and cuda_supported(query, key_store, value_store, key_ring, None):
+        if cuda_serves_kept(key_store, value_store) and cuda_available() \
+                and cuda_supported(query, key_store, value_store, key_ring, None):
             return decode_attention_cuda(query, key_store, value_store, key_ring, value_ring, scale, length=length)
         if backend == "cuda":
             raise UnsupportedHardwareError("backend='cuda' cannot serve this static decode step (see cuda_supported)")
     n_comp, n_win = _counts(length, key_ring.shape[2])
-    keys = torch.cat([expand(*key_store.storage, key_store.head_dim), key_ring], dim=2)
-    values = torch.cat([expand(*value_store.storage, value_store.head_dim), value_ring], dim=2)
+    keys = torch.cat([expand_store(*key_store.storage, key_store.head_dim, key_store.scale_storage), key_ring], dim=2)
+    values = torch.cat([expand_store(*value_store.storage, value_store.head_dim, value_store.scale_storage),
+                        value_ring], dim=2)
     capacity = key_store.capacity
     slots = torch.arange(capacity + key_ring.shape[2], device=query.device)
     held = torch.where(slots < capacity, slots < n_comp, slots - capacity < n_win)
@@ -99,7 +102,7 @@ def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, back
     if _resolve_backend(backend, ring.device) != "torch":
         from .launch.cuda import compress_cuda, compress_supported
 
-        if compress_supported(ring, values, bitmaps):
+        if not store.is_fp8 and compress_supported(ring, values, bitmaps):
             compress_cuda(ring, values, bitmaps, position=length)
             return
     capacity = values.shape[2]
@@ -109,5 +112,12 @@ def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, back
     row = (length - w).clamp(min=0, max=capacity - 1).view(1)
     active = (length >= w) & (length - w < capacity)
     new_values, new_bitmaps = compress_reference(ring.index_select(2, slot), store.sparsity)
+    if store.is_fp8:
+        new_values, new_scales = quantize_kept(new_values)
+        scales = store.scale_storage
+        scales.index_copy_(2, row, torch.where(active, new_scales, scales.index_select(2, row)))
+        # torch.where has no float8 kernel: select the raw bits
+        values = values.view(torch.uint8)
+        new_values = new_values.view(torch.uint8)
     values.index_copy_(2, row, torch.where(active, new_values, values.index_select(2, row)))
     bitmaps.index_copy_(2, row, torch.where(active, new_bitmaps, bitmaps.index_select(2, row)))

@@ -28,8 +28,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..cache import MustafarCache
 from ..config import SparsityConfig
-from ..format import num_words
-from ..pruning import keep_count
+from ..format import BitmapKV
 
 __all__ = ["MODES", "make_cache", "static_sparse_cache", "kv_stats", "CompressOp", "compress_op"]
 
@@ -48,7 +47,7 @@ def static_sparse_cache(model, setting: SparsityConfig, batch: int, max_tokens: 
     return StaticMustafarCache(model.config, batch_size=batch, max_tokens=max_tokens,
                                key_sparsity=setting.key_sparsity, value_sparsity=setting.value_sparsity,
                                window=max(1, setting.window), dtype=model.dtype, device=model.device,
-                               backend=backend)
+                               backend=backend, kept_dtype=setting.kept_dtype)
 
 
 def make_cache(mode: str, setting: SparsityConfig, model, batch: int, max_tokens: int, backend: str = "auto"):
@@ -141,12 +140,12 @@ def _chunk_compress_op(setting: SparsityConfig, batch: int, model, backend: str)
     rows = torch.randn(shape, dtype=model.dtype, device=model.device)
     outputs = []
     for sparsity in (setting.key_sparsity, setting.value_sparsity):
-        values = torch.empty(*shape[:3], keep_count(shape[3], sparsity), dtype=model.dtype, device=model.device)
-        bitmaps = torch.empty(*shape[:3], num_words(shape[3]), dtype=torch.int64, device=model.device)
-        outputs.append((sparsity, values, bitmaps))
+        store = BitmapKV.empty(*shape[:2], shape[3], sparsity, model.dtype, model.device, capacity=shape[2],
+                               kept_dtype=setting.kept_dtype)
+        outputs.append((sparsity, *store.storage, store.scale_storage))
 
     def run():
-        for sparsity, values, bitmaps in outputs:
-            compress_into(rows, sparsity, values, bitmaps, 0, backend)
+        for sparsity, values, bitmaps, scales in outputs:
+            compress_into(rows, sparsity, values, bitmaps, 0, backend, scales=scales)
 
     return CompressOp(run, per_step=1.0 / setting.chunk, tokens_per_call=setting.chunk)
