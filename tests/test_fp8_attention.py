@@ -123,8 +123,9 @@ def test_generate_with_fp8_caches(arch):
     model = _tiny(arch)
     ids = torch.randint(128, (2, 40), generator=torch.Generator().manual_seed(1))
     tokens = {}
-    backends = ["torch"] + (["triton"] if triton_available() else [])
-    for name, backend in itertools.product(["K0.5V0.5", "K0.5V0.5-fp8", "K0V0-fp8"], backends):
+    runs = [(name, "torch") for name in ("K0.5V0.5", "K0.5V0.5-fp8", "K0V0-fp8")]
+    runs += [("K0.5V0.5-fp8", "triton")] if triton_available() else []  # the interpreter is slow: one setting
+    for name, backend in runs:
         cache = mustafar.MustafarCache.from_config(parse_setting(name, window=8, chunk=16), backend=backend)
         out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=10, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
@@ -135,7 +136,7 @@ def test_generate_with_fp8_caches(arch):
     for name, backend in tokens:
         agree = (tokens[name, backend] == tokens["K0.5V0.5", "torch"]).float().mean().item()
         assert agree >= 0.5, (name, backend, agree)  # FP8 noise may flip a near-tie of a random model
-    if "triton" in backends:
+    if triton_available():
         assert (tokens["K0.5V0.5-fp8", "triton"] == tokens["K0.5V0.5-fp8", "torch"]).float().mean() >= 0.9
 
 
