@@ -15,11 +15,13 @@ import mustafar
 from mustafar import BitmapKV, bytes_per_token, compress, keep_count, prune_per_token
 from mustafar.fp8 import E4M3_MAX, check_kept_dtype
 from mustafar.format import num_words
-from mustafar.ops import UnsupportedHardwareError, compress_into, triton_available
+from mustafar.launch.common import interpreting
+from mustafar.ops import UnsupportedHardwareError, compress_into
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+# Triton on CPU tensors runs in the interpreter only; tests/test_gpu_fp8.py runs it on a GPU
+BACKENDS = ["torch"] + (["triton"] if interpreting() else [])
 
 
 def fp8_oracle(x: torch.Tensor, sparsity: float) -> torch.Tensor:
