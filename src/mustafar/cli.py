@@ -32,7 +32,7 @@ _MIB = 2**20
 QUICK = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
          "context_lengths": "2048", "samples": 5}
 QUICK_LONG = {"context_lengths": "1024", "samples": 1, "max_new_tokens": 32}
-FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
+FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7,K0V0-fp8,K0.5V0.5-fp8,K0.7V0.7-fp8", "tasks": "passkey,niah,niah-multikey,ppl",
         "context_lengths": "1024,2048,4096", "samples": 10}
 
 _QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings {QUICK['settings']}, "
@@ -134,7 +134,8 @@ def generate(
 def evaluate(
     ctx: typer.Context,
     model: str | None = ModelOption,
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default=FULL["settings"]),
     methods: str = typer.Option("per-token", help="Comma-separated pruning methods: per-token (real compressed "
                                 "cache), output-aware, per-channel, think (simulated: pruned, stored dense)."),
@@ -292,7 +293,8 @@ def bench(
                                        show_default="1,8,16,32"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
                                        show_default="4096,16384,32768"),
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
                                      "decode loop on static caches).", show_default="generate,graph"),
