@@ -195,3 +195,12 @@ def test_bench_memory_model_counts_fp8_bytes():
           for name in ("dense", "K0.7V0.7", "K0.7V0.7-fp8", "K0.5V0.5-fp8", "K0V0-fp8")}
     assert kv["K0.7V0.7-fp8"] / kv["dense"] <= 0.23 and kv["K0.5V0.5-fp8"] / kv["dense"] <= 0.33
     assert kv["K0.7V0.7-fp8"] < kv["K0.7V0.7"] and 0.5 < kv["K0V0-fp8"] / kv["dense"] < 0.6
+
+
+def test_cli_generate_refuses_an_unknown_kept_dtype():
+    from typer.testing import CliRunner
+
+    from mustafar.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "hi", "--kept-dtype", "int8"])
+    assert result.exit_code == 2 and "kept_dtype" in result.output and "int8" in result.output

@@ -95,6 +95,8 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (TextStreamer)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
+    kept_dtype: str = typer.Option("cache", help="Kept values of the compressed store: 'cache' (the cache dtype) "
+                                   "or 'fp8' (e4m3, one scale per token and head)."),
 ):
     """Greedy chat generation with the sparse KV cache; prints the answer and the KV memory held."""
     import torch
@@ -104,7 +106,8 @@ def generate(
     from .generation import cache_kwargs, chat_input_ids, kv_nbytes, make_cache
 
     try:
-        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk)
+        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk,
+                                kept_dtype=None if kept_dtype == "cache" else kept_dtype)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     _check_device(device)
