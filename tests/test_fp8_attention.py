@@ -18,11 +18,11 @@ import transformers
 
 import mustafar
 from mustafar import compress, parse_setting, sparse_decode_attention
-from mustafar.cache_rules import prune_rows_prefix
+from mustafar.cache.rules import prune_rows_prefix
 from mustafar.generation import cache_kwargs
 from mustafar.launch.common import interpreting
 from mustafar.ops import UnsupportedHardwareError
-from mustafar.static_ops import static_decode_attention
+from mustafar.cache.static_ops import static_decode_attention
 
 FP8 = torch.float8_e4m3fn
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}

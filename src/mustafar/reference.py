@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .format import compress_mask, expand
+from .format import compress_rows, expand
 from .fp8 import dequantize_kept, quantize_kept
-from .pruning import keep_count, topk_mask
 
 __all__ = ["compress_reference", "decompress_reference", "decode_attention_reference", "prune_kept_reference"]
 
 
-def compress_reference(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``.
-
-    Keeps the ``k_keep`` entries of largest ``|x|`` per row, ties to the lower channel.
-    """
-    k_keep = keep_count(x.shape[-1], sparsity)
-    return compress_mask(x, topk_mask(x.abs(), k_keep), k_keep)
+#: Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``;
+#: the format owns the rule (:func:`mustafar.format.compress_rows`), this is its name among the references.
+compress_reference = compress_rows
 
 
 def prune_kept_reference(x: torch.Tensor, sparsity: float, fp8: bool) -> torch.Tensor:

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .pruning import prune_per_token
-from .reference import prune_kept_reference
+from ..pruning import prune_per_token
+from ..reference import prune_kept_reference
 
 __all__ = ["boundaries", "crop_limit", "pads_from_mask", "prune_rows_prefix"]
 
