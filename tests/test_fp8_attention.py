@@ -204,3 +204,16 @@ def test_cli_generate_refuses_an_unknown_kept_dtype():
 
     result = CliRunner().invoke(app, ["generate", "hi", "--kept-dtype", "int8"])
     assert result.exit_code == 2 and "kept_dtype" in result.output and "int8" in result.output
+
+
+def test_backend_table_reports_the_fp8_capability():
+    """The CUDA entry of the table says it does not serve FP8 stores; "auto" then picks another entry."""
+    from mustafar.backends import CudaBackend, resolve_backend
+
+    query, kc, vc, _, _, _, _ = _case(1, 2, 2, 20, 0, 64, torch.float16, seed=6)
+    cuda = CudaBackend()
+    assert "FP8" in cuda.supports_decode(query=query, key_cache=kc, value_cache=vc)
+    assert "FP8" in cuda.supports_static_decode(query=query, key_cache=kc, value_cache=vc, key_window=None)
+    values, bitmaps = kc.storage
+    assert "FP8" in cuda.supports_compress(x=query, values=values, bitmaps=bitmaps)
+    assert resolve_backend("decode", query=query, key_cache=kc, value_cache=vc) == "torch"

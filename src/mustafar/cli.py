@@ -32,7 +32,7 @@ _MIB = 2**20
 QUICK = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
          "context_lengths": "2048", "samples": 5}
 QUICK_LONG = {"context_lengths": "1024", "samples": 1, "max_new_tokens": 32}
-FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7,K0V0-fp8,K0.5V0.5-fp8,K0.7V0.7-fp8", "tasks": "passkey,niah,niah-multikey,ppl",
+FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
         "context_lengths": "1024,2048,4096", "samples": 10}
 
 _QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings {QUICK['settings']}, "
