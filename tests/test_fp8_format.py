@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import mustafar
@@ -202,3 +204,16 @@ def test_format_inputs_that_do_not_match():
     with pytest.raises(UnsupportedHardwareError, match="FP8"):
         values, bitmaps = store.storage
         compress_into(x, 0.5, values, bitmaps, 0, backend="cuda", scales=store.scale_storage)
+
+
+@settings(max_examples=40, deadline=None)
+@given(head_dim=st.sampled_from([1, 7, 64, 80, 96, 128, 256]), tokens=st.integers(1, 9),
+       sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9]), dtype=st.sampled_from(DTYPES),
+       exponent=st.integers(-20, 12), seed=st.integers(0, 2**16))
+def test_property_round_trip_and_bitmap(head_dim, tokens, sparsity, dtype, exponent, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 2, tokens, head_dim, generator=gen) * 2.0 ** exponent).to(dtype)
+    store = compress(x, sparsity, kept_dtype=FP8)
+    assert torch.equal(store.decompress(), fp8_oracle(x, sparsity))
+    assert torch.equal(store.bitmaps, compress(x, sparsity).bitmaps)
+    assert store.nbytes == 2 * tokens * bytes_per_token(head_dim, sparsity, dtype, kept_dtype=FP8)

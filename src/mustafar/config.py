@@ -60,7 +60,8 @@ class SparsityConfig:
         get_rule(self.method)
         if self.kept_dtype is not None:
             if check_kept_dtype(self.kept_dtype) is None or not self.fp8_like(self.kept_dtype):
-                raise TypeError(f"kept_dtype must be None (the cache dtype) or 'float8_e4m3fn', got {self.kept_dtype!r}")
+                raise TypeError(f"kept_dtype must be None (the cache dtype) or 'float8_e4m3fn', got "
+                                f"{self.kept_dtype!r}")
             object.__setattr__(self, "kept_dtype", FP8_KEPT)
             if self.method != "per-token":
                 raise ValueError(f"kept_dtype='float8_e4m3fn' needs method 'per-token' (the only rule the format "

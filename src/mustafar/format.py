@@ -348,7 +348,8 @@ class BitmapKV:
             raise ValueError(f"tokens must be in [0, {self.capacity - self._tokens}] (the free capacity), got {tokens}")
         self._tokens += tokens
 
-    def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor,
+                          scales: torch.Tensor | None = None) -> None:
         """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``,
         and for FP8 kept values ``scales [b, h, n]``).
 

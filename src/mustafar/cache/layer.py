@@ -259,7 +259,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         return stores + window_bytes(self.keys) + window_bytes(self.values)
 
     nbytes = property(lambda self: self._total("nbytes", _held_bytes),
-                      doc="Bytes of the tokens held: store values + bitmaps (+ FP8 scales), K and V, + the dense window.")
+                      doc="Bytes of the tokens held: store values + bitmaps (+ FP8 scales), K and V, + the window.")
     dense_nbytes = property(lambda self: self._total("dense_nbytes", _held_bytes),
                             doc="Bytes a dense cache of the same tokens would hold (same dtype).")
     allocated_nbytes = property(lambda self: self._total("allocated_nbytes", lambda t: t.untyped_storage().nbytes()),

@@ -342,7 +342,8 @@ class StaticMustafarCache(Cache):
         def held(layer):
             b, h, _, d = layer.keys.shape
             stored = max(0, layer.host_length - self.window)
-            rows = sum(bytes_per_token(d, s.sparsity, s.dtype, s.kept_dtype) for s in (layer.key_store, layer.value_store))
+            rows = sum(bytes_per_token(d, s.sparsity, s.dtype, s.kept_dtype)
+                       for s in (layer.key_store, layer.value_store))
             dense = 2 * min(layer.host_length, self.window) * dense_bytes_per_token(d, layer.dtype)
             return b * h * (stored * rows + dense)
         return self._bytes(held)
