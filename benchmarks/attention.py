@@ -37,7 +37,7 @@ from mustafar.format import BitmapKV, bytes_per_token
 from mustafar.ops import compress_into, sparse_decode_attention
 from mustafar.reference import compress_reference
 
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2-135m": (9, 3, 64)}
 WINDOW = 32
 L2_BYTES = 60 << 20
 ROTATE_BYTES = 4 * L2_BYTES
