@@ -15,7 +15,7 @@ from mustafar.generation import (
     fill_cache,
     forward,
     greedy_decode,
-    kv_nbytes,
+    kv_bytes,
     make_cache,
     prefill,
 )
@@ -85,8 +85,8 @@ def test_shared_prefill_matches_generate(tiny, setting):
     source, logits = prefill(model, ids)
     cache = fill_cache(make_cache(setting), source)
     assert greedy_decode(model, cache, logits, max_new_tokens=12) == expected
-    held, dense = kv_nbytes(cache)
-    assert (held, dense) == kv_nbytes(fresh)
+    held, dense = kv_bytes(cache).held, kv_bytes(cache).dense
+    assert (held, dense) == (kv_bytes(fresh).held, kv_bytes(fresh).dense)
     assert held == dense if setting.is_dense else held < dense
 
 
@@ -165,7 +165,7 @@ def test_embedded_model_answers_with_sparse_cache(embedded):
                          **cache_kwargs(model, cache))
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
-    held, dense = kv_nbytes(cache)
+    held, dense = kv_bytes(cache).held, kv_bytes(cache).dense
     assert cache.layers[0].stored_tokens > 0 and held < 0.75 * dense
     # the forward helper reads the same cache: one more step continues the sequence
     assert forward(model, out[:, -1:], cache).shape == (1, 1, model.config.vocab_size)
