@@ -39,8 +39,9 @@ def _listed(values) -> str:
 
 
 _QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings "
-               f"{_listed(DEFAULT_SETTINGS)}, tasks {_listed(_FULL['tasks'])}, {_listed(QUICK_EVAL['context_lengths'])} "
-               f"tokens, {QUICK_EVAL['samples']} samples per task; with RULER or LongBench tasks "
+               f"{_listed(DEFAULT_SETTINGS)}, tasks {_listed(_FULL['tasks'])}, "
+               f"{_listed(QUICK_EVAL['context_lengths'])} tokens, {QUICK_EVAL['samples']} samples per task; with RULER or "
+               f"LongBench tasks "
                f"{_listed(QUICK_LONG['context_lengths'])} tokens, {QUICK_LONG['samples']} sample per task, answers "
                f"capped at {QUICK_LONG['max_new_tokens_cap']} tokens (explicit options win).")
 ModelOption = typer.Option(None, "--model", "-m", help="HF model id, local directory or .gguf file.",

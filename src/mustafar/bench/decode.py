@@ -101,7 +101,10 @@ def _check_prompt(prompt_ids: object, new_tokens: object, warmup_steps: int) -> 
 
 
 def first_tokens(model, cache, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Prefill the prompt ``[batch, L]`` into ``cache`` (:func:`mustafar.generation.prefill`); the first tokens ``[batch, 1]``."""
+    """Prefill the prompt ``[batch, L]`` into ``cache`` (:func:`mustafar.generation.prefill`).
+
+    Returns the first generated tokens ``[batch, 1]`` (greedy).
+    """
     return prefill(model, prompt_ids, cache)[1].argmax(-1, keepdim=True)
 
 

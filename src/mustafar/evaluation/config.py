@@ -19,8 +19,8 @@ from .longbench import LONGBENCH_TASKS, available_tasks
 from .ruler import RULER_TASKS
 from .tasks import DEFAULT_DEPTHS
 
-__all__ = ["EvalConfig", "TASKS", "RETRIEVAL_TASKS", "GROUPS", "DEFAULT_SETTINGS", "QUICK", "QUICK_LONG", "expand_tasks",
-           "suite_of"]
+__all__ = ["EvalConfig", "TASKS", "RETRIEVAL_TASKS", "GROUPS", "DEFAULT_SETTINGS", "QUICK", "QUICK_LONG",
+           "expand_tasks", "suite_of"]
 
 #: Retrieval tasks (accuracy) of :mod:`.tasks`.
 RETRIEVAL_TASKS = ("passkey", "niah", "niah-multikey")
