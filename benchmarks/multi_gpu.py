@@ -1,8 +1,8 @@
 """The sparse cache on two GPUs: tensor parallelism (``tp``) and layers split by ``device_map`` (issue 6).
 
-Usage (repository root, a machine with 2 GPUs; prebuild the CUDA extension once, as gpu_run.sh does)::
+Usage (repository root, a machine with 2 GPUs; prebuild the CUDA extension once, as the runner's ``build`` does)::
 
-    export PYTHONPATH=src TORCH_EXTENSIONS_DIR=/tmp/mustafar-ext   # or: bash benchmarks/multi_gpu_run.sh tp|device-map
+    export PYTHONPATH=src TORCH_EXTENSIONS_DIR=/tmp/mustafar-ext   # or: python benchmarks/run_gpu.py build tp|device-map
     torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu.py tp --out /tmp/out/tp.json
     python benchmarks/multi_gpu.py device-map --out /tmp/out/device_map.json
 
