@@ -9,6 +9,11 @@ Steps (run in the order given; a failing step is reported and the next ones stil
 - ``env``: GPU, driver and library versions (``nvidia-smi``, torch, triton, transformers).
 - ``build``: compile the CUDA extension (cached in ``$TORCH_EXTENSIONS_DIR``).
 - ``tests``: the GPU tests, ``tests/test_gpu_kernels.py`` (``--tests-k`` selects, e.g. ``"cuda or static"``).
+- ``gpu-tests``: every test marked ``gpu`` in ``tests/`` (kernels, caches, FP8, bookkeeping, ...).
+- ``variants``: same-run A/B of CUDA kernel variants vs dense SDPA, ``benchmarks/kernel_variants.py``
+  (``--variants-args``, default: this tree's kernel vs the v2 kernel of commit 7839734, all cases).
+- ``ncu``: Nsight Compute counters (duration, instructions, issue, L1/TEX, DRAM, stall reasons) of the decode
+  kernel at 8 x 32k, s = 0.7 and 0.5, for this tree's kernel and the v2 kernel (``benchmarks/ncu_case.py``).
 - ``attention``: the kernel benchmark, ``benchmarks/attention.py`` (``--attention-args``).
 - ``e2e``: the end-to-end benchmark, ``mustafar bench`` (``--bench-args``).
 - ``tokens``: GPU vs CPU greedy tokens, ``benchmarks/gpu_cpu_tokens.py --tokens 32``.
@@ -52,6 +57,29 @@ class Step:
     env: tuple[tuple[str, str], ...] = ()
 
 
+#: What the ``ncu`` step reads: duration, instructions, issue activity, L1/TEX and DRAM throughput, stall reasons.
+NCU_METRICS = ("regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,smsp__inst_executed.sum,"
+               "smsp__issue_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,"
+               "l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum,"
+               "sm__warps_active.avg.pct_of_peak_sustained_active")
+#: The committed v2 kernel, the "before" of issue 13.
+V2_COMMIT = "7839734"
+
+
+def _ncu(a) -> list[str]:
+    """A shell loop: ncu of the decode kernel per (kernel, sparsity), one text report each under ``--out``."""
+    runs = []
+    for variant in ("lib", f"@{V2_COMMIT}"):
+        for sparsity in ("0.7", "0.5"):
+            report = a.out / f"ncu_{variant.lstrip('@')}_s{sparsity}.txt"
+            runs.append(f"ncu --clock-control none -k regex:sparse_decode_kernel -s 2 -c 1 --metrics "
+                        f"{shlex.quote(NCU_METRICS)} {shlex.quote(PYTHON)} benchmarks/ncu_case.py 8 32768 {sparsity} "
+                        f"{variant} > {shlex.quote(str(report))} 2>&1; echo == {variant} s={sparsity}; "
+                        f"grep -E 'stalled|inst_executed|issue_active|dram__|l1tex__|duration|warps_active' "
+                        f"{shlex.quote(str(report))}")
+    return ["bash", "-c", "; ".join(runs)]
+
+
 def _sanitizer(tool: str):
     return lambda a: ["compute-sanitizer", "--tool", tool, "--print-limit", "20", PYTHON,
                       "benchmarks/sanitize_case.py"]
@@ -69,6 +97,11 @@ STEPS = {
                              "print('extension built')"], 300),
     "tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py",
                              *(["-k", a.tests_k] if a.tests_k else [])], 300),
+    "gpu-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/",
+                                 *(["-k", a.tests_k] if a.tests_k else [])], 400),
+    "variants": Step(lambda a: [PYTHON, "benchmarks/kernel_variants.py", "--out", str(a.out),
+                                *shlex.split(a.variants_args)], 300),
+    "ncu": Step(_ncu, 400),
     "attention": Step(lambda a: [PYTHON, "benchmarks/attention.py", "--out", str(a.out),
                                  *shlex.split(a.attention_args)], 300),
     "e2e": Step(lambda a: [PYTHON, "-m", "mustafar", "bench", "--out", str(a.out / "e2e"), *shlex.split(a.bench_args)],
@@ -100,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory for logs and results (default: $OUT or /tmp/out)")
     parser.add_argument("--tests-k", default="", help="pytest -k expression for the GPU tests")
     parser.add_argument("--attention-args", default="", help="arguments of benchmarks/attention.py")
+    parser.add_argument("--variants-args", default=f"--variant v3=lib --variant v2=@{V2_COMMIT} --cases full",
+                        help="arguments of benchmarks/kernel_variants.py")
     parser.add_argument("--bench-args", default="--quick", help="arguments of `mustafar bench` (default: --quick)")
     parser.add_argument("--capacity-args", default="--prompts 32768 --modes generate --settings "
                         "dense,K0.5V0.5,K0.7V0.7 --budget-gib 80", help="arguments of `mustafar bench --capacity`")

@@ -56,3 +56,13 @@ def test_dry_run_and_a_real_step_on_the_cpu(runner, tmp_path, capsys):
         assert runner.run_step("fail", runner.parse_args(["env", "--out", str(tmp_path)])) == 3
     finally:
         runner.STEPS.pop("echo"), runner.STEPS.pop("fail", None)
+
+
+def test_kernel_steps_build_their_commands(runner, tmp_path):
+    args = runner.parse_args(["gpu-tests", "variants", "ncu", "--out", str(tmp_path)])
+    assert runner.STEPS["gpu-tests"].command(args)[-3:] == ["-m", "gpu", "tests/"]
+    variants = runner.STEPS["variants"].command(args)
+    assert variants[1] == "benchmarks/kernel_variants.py" and f"v2=@{runner.V2_COMMIT}" in variants
+    script = runner.STEPS["ncu"].command(args)[-1]
+    assert script.count("benchmarks/ncu_case.py") == 4 and "--clock-control none" in script
+    assert (SCRIPT.parent / "ncu_case.py").is_file() and (SCRIPT.parent / "kernel_variants.py").is_file()
