@@ -217,3 +217,18 @@ def test_backend_table_reports_the_fp8_capability():
     values, bitmaps = kc.storage
     assert "FP8" in cuda.supports_compress(x=query, values=values, bitmaps=bitmaps)
     assert resolve_backend("decode", query=query, key_cache=kc, value_cache=vc) == "torch"
+
+
+def test_generation_and_bench_caches_carry_the_kept_dtype():
+    from mustafar.bench.caches import compress_op
+    from mustafar.generation import make_cache
+
+    model = _tiny("llama")
+    setting = parse_setting("K0.7V0.7-fp8", window=8, chunk=16)
+    dynamic = make_cache(setting)
+    static = make_cache(setting, "graph", model=model, batch=1, max_tokens=64)
+    assert dynamic.config.fp8 and "kept_dtype=float8_e4m3fn" in repr(static)
+    ids = torch.randint(128, (1, 40), generator=torch.Generator().manual_seed(3))
+    model(ids, **cache_kwargs(model, dynamic))
+    assert dynamic.layers[0].key_store.is_fp8
+    compress_op(dynamic, setting, 1, model).run()  # the bench's timed compression writes FP8 stores
