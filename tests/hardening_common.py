@@ -67,7 +67,7 @@ class ReferenceCache(DynamicCache):
         self.pads = pads
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        prefill = self.get_seq_length(layer_idx) == 0 and key_states.shape[2] > 1
+        prefill = self.get_seq_length(layer_idx) == 0  # the first update, of any length (issue 17)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if prefill:
             return keys, values

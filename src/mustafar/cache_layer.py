@@ -6,7 +6,7 @@ oldest tokens, pruned once when they enter it) and the **local window** (dense
 ``keys`` / ``values``, ``[batch, kv_heads, w, head_dim]``).
 
 What the attention reads follows :mod:`mustafar.cache_rules`: the first update
-of an empty layer with several tokens (the **prefill**) is attended dense, as in
+of an empty layer, of any length (the **prefill**), is attended dense, as in
 the paper; every later update attends each row's tokens before its boundary
 pruned (per token) and the rest dense. Where the tokens physically are does not
 change that:
@@ -24,8 +24,8 @@ change that:
   entries cannot be restored.
 - **chunked prefill of a padded batch**: a row whose tokens so far are all padding
   (its first chunks hold only padding) keeps counting the leading padding of the
-  next updates (read from their masks), and its first update of several tokens
-  with real ones is attended dense, like that prompt's prefill alone; the
+  next updates (read from their masks), and its first update with real tokens
+  (one or more) is attended dense, like that prompt's prefill alone; the
   eviction waits for the next update. Only such updates read the mask on the host.
 """
 
@@ -104,8 +104,8 @@ class MustafarLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]``; return dense K, V.
 
-        Returns every token held, unpruned, for the prefill (``n > 1`` on an empty layer) or while no
-        token is to be pruned: the attention runs dense SDPA on them. Otherwise returns the local
+        Returns every token held, unpruned, for the prefill (the first update of an empty layer, of any
+        length ``n >= 1``: issue 17) or while no token is to be pruned: the attention runs dense SDPA on them. Otherwise returns the local
         window, new tokens included, and the attention reads the store besides.
 
         Raises:
@@ -127,7 +127,7 @@ class MustafarLayer(CacheLayerMixin):
         old, n = self.get_seq_length(), key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self._pending = old == 0 and n > 1  # the prefill: evicted after its attention has read the padding
+        self._pending = old == 0  # the prefill (any length): evicted after its attention has read the padding
         # a row holding only padding so far (pads never exceed the tokens held): its pads may go on in this update
         self._padding_from = old if old and max(self.pads) == old else None
         if not self._pending and self._padding_from is None:
@@ -217,8 +217,8 @@ class MustafarLayer(CacheLayerMixin):
         """
         total, stored = self.get_seq_length(), self.stored_tokens
         lags = [max(0, b - stored) for b in boundaries(total, self.pads, self.window, self.chunk)]
-        if self._padding_from is not None and total - self._padding_from > 1:
-            # a row that held only padding before this update: its first real tokens are its prefill, dense
+        if self._padding_from is not None:
+            # a row that held only padding before this update: its first real tokens (one or more) are its prefill
             lags = [0 if p >= self._padding_from else lag for p, lag in zip(self.pads, lags)]
         key = prune_rows_prefix(key, lags, self.key_sparsity)
         value = prune_rows_prefix(value, lags, self.value_sparsity)
