@@ -23,12 +23,14 @@ BACKENDS = [b for b in ("torch", "triton") if b in mustafar.ops.available_backen
 MASKS = ["bool", "neg_inf", "finfo_min", "finfo_min_fp16", "half_min"]
 
 
-def case(seed, batch=3, q_heads=4, kv_heads=2, q_len=2, stored=70, window=5, head_dim=32, dtype=torch.float32):
+def case(seed, batch=3, q_heads=4, kv_heads=2, q_len=2, stored=70, window=5, head_dim=32, dtype=torch.float32,
+         device="cpu"):
     """Random query, stores and window; returns ``(query, key_store, value_store, key_window, value_window)``."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)  # noqa: E731
     keys, values = rand(batch, kv_heads, stored, head_dim), rand(batch, kv_heads, stored, head_dim)
-    stores = BitmapKV.empty(batch, kv_heads, head_dim, 0.5, dtype), BitmapKV.empty(batch, kv_heads, head_dim, 0.3, dtype)
+    stores = (BitmapKV.empty(batch, kv_heads, head_dim, 0.5, dtype, device),
+              BitmapKV.empty(batch, kv_heads, head_dim, 0.3, dtype, device))
     stores[0].append(keys)
     stores[1].append(values)
     return (rand(batch, q_heads, q_len, head_dim), *stores, rand(batch, kv_heads, window, head_dim),
@@ -118,10 +120,7 @@ def test_fully_masked_rows_give_zeros_on_the_gpu(backend, kind):
     """CUDA (bool masks; ``auto`` sends additive masks to Triton) and Triton on the GPU: the same zeros."""
     if backend == "cuda" and kind != "bool":
         pytest.skip("the CUDA kernel takes bool masks only")
-    query, ks, vs, kw, vw = case(seed=7, q_len=2, head_dim=64, stored=200, dtype=torch.float16)
-    query, kw, vw = query.cuda(), kw.cuda(), vw.cuda()
-    ks = BitmapKV(ks.values.cuda(), ks.bitmaps.cuda(), ks.head_dim, ks.sparsity)
-    vs = BitmapKV(vs.values.cuda(), vs.bitmaps.cuda(), vs.head_dim, vs.sparsity)
+    query, ks, vs, kw, vw = case(seed=7, q_len=2, head_dim=64, stored=200, dtype=torch.float16, device="cuda")
     b, hq, lq, _ = query.shape
     t = ks.tokens + kw.shape[2]
     keep = torch.rand(b, hq, lq, t, generator=torch.Generator().manual_seed(8)) > 0.3
@@ -130,10 +129,7 @@ def test_fully_masked_rows_give_zeros_on_the_gpu(backend, kind):
     keep[2, :, 1] = False
     mask = masked(kind, keep).cuda()
     out = sparse_decode_attention(query, ks, vs, kw, vw, backend=backend, attention_mask=mask)
-    ref = sparse_decode_attention(query.cpu(), *(x.cpu() if isinstance(x, torch.Tensor) else
-                                                 BitmapKV(x.values.cpu(), x.bitmaps.cpu(), x.head_dim, x.sparsity)
-                                                 for x in (ks, vs, kw, vw)), backend="torch",
-                                  attention_mask=mask.cpu())
+    ref = sparse_decode_attention(query, ks, vs, kw, vw, backend="torch", attention_mask=mask)
     fully = ~keep.tril(t - lq).any(-1).cuda()
     assert torch.equal(out[fully], torch.zeros_like(out[fully]))
-    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3)
