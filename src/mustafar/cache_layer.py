@@ -41,7 +41,7 @@ from ._checks import check_positive_int, check_sparsity
 from .attention import Link, held_mask, link_tensor
 from .cache_rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
 from .format import BitmapKV
-from .model_support import check_reader
+from .model_support import check_attention_implementation, check_reader
 from .ops import BACKENDS, decode_attention_unchecked
 
 __all__ = ["NO_OFFLOADING", "MustafarLayer", "check_batch_index"]
@@ -84,6 +84,7 @@ class MustafarLayer(CacheLayerMixin):
         self._unconsumed = self._pending = False
         self._padding_from: int | None = None  # set by an update after which a row may still be all padding
         self._reader: int | None = None
+        self._reader_config = None  # config of the reader module: which attention reads the next update
 
     def __repr__(self) -> str:
         return (
@@ -105,21 +106,27 @@ class MustafarLayer(CacheLayerMixin):
         """Append ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]``; return dense K, V.
 
         Returns every token held, unpruned, for the prefill (the first update of an empty layer, of any
-        length ``n >= 1``: issue 17) or while no token is to be pruned: the attention runs dense SDPA on them. Otherwise returns the local
-        window, new tokens included, and the attention reads the store besides.
+        length ``n >= 1``: issue 17) or while no token is to be pruned: the attention runs dense SDPA on
+        them. Otherwise returns the local window, new tokens included, and the attention reads the store
+        besides.
 
         Raises:
-            ValueError: the previous output was not read by the ``"mustafar"`` attention implementation;
-                ``value_states`` unlike ``key_states`` (shape, dtype, device); states unlike the cached
-                tokens (batch, kv_heads, head_dim, dtype, device); an empty batch.
+            ValueError: the model that read this layer now runs another attention implementation than
+                ``"mustafar"`` (refused before any change: see
+                :func:`mustafar.model_support.check_attention_implementation`); the previous output was not
+                read by the ``"mustafar"`` attention; ``value_states`` unlike ``key_states`` (shape, dtype,
+                device); states unlike the cached tokens (batch, kv_heads, head_dim, dtype, device); an empty batch.
         """
+        check_attention_implementation(self.layer_idx, self._reader_config)
         if self._unconsumed:
+            missed = ("so the cache did not read the prefill's padding" if self._pending else
+                      "so that step's attention missed the compressed tokens (its outputs were wrong)")
             raise ValueError(
                 f"MustafarCache layer {self.layer_idx}: the keys returned by the previous update were not read by the "
-                "'mustafar' attention implementation, so attention would miss the compressed tokens. Load the model "
-                'with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
-                "`import mustafar`. Models that transform the cached states before attention (e.g. DeepSeek's "
-                "multi-head latent attention) cannot use a MustafarCache"
+                f"'mustafar' attention implementation, {missed}. Call cache.reset() (or use a new cache), load the "
+                'model with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
+                "`import mustafar`, and run the prompt again. Models that transform the cached states before "
+                "attention (e.g. DeepSeek's multi-head latent attention) cannot use a MustafarCache"
             )
         self._check_states(key_states, value_states)
         if not self.is_initialized:
@@ -199,6 +206,7 @@ class MustafarLayer(CacheLayerMixin):
         """
         if module is not None:
             self._reader = check_reader(self.layer_idx, module, self._reader)
+            self._reader_config = getattr(module, "config", None)
         if self._pending:
             self.pads = pads_from_mask(attention_mask, self.keys.shape[0], self.keys.shape[2])
             self._pending = False
@@ -262,7 +270,7 @@ class MustafarLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop every token and the reader; the next update starts a new sequence (any batch size)."""
         self.keys = self.values = self.key_store = self.value_store = None
-        self.pads, self._reader, self._padding_from = [], None, None
+        self.pads, self._reader, self._padding_from, self._reader_config = [], None, None, None
         self.is_initialized = self._unconsumed = self._pending = False
 
     def offload(self) -> None:
