@@ -17,7 +17,7 @@ import torch
 import mustafar
 from mustafar import BitmapKV, sparse_decode_attention
 from mustafar.reference import decode_attention_reference
-from mustafar.static_ops import static_decode_attention
+from mustafar.cache.static_ops import static_decode_attention
 
 BACKENDS = [b for b in ("torch", "triton") if b in mustafar.ops.available_backends()]
 MASKS = ["bool", "neg_inf", "finfo_min", "finfo_min_fp16", "half_min"]
@@ -91,7 +91,7 @@ def test_masks_of_one_meaning_give_one_answer_in_half_precision(backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_through_the_cache_layer(backend):
     """The ``"mustafar"`` decode step with a user's 4-d additive mask: a fully masked row gives zeros."""
-    from mustafar.cache_layer import MustafarLayer
+    from mustafar.cache import MustafarLayer
 
     layer = MustafarLayer(0.5, 0.5, window=3, chunk=4, backend=backend)
     k, v = torch.randn(2, 2, 21, 16), torch.randn(2, 2, 21, 16)
