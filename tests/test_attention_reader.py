@@ -85,3 +85,23 @@ def test_sparsity_zero_step_read_by_mustafar_equals_dense():
     for out, c in zip(outs, caches):
         out += [model(ids[:, i:i + 1], **{CACHE: c}).logits[:, -1] for i in range(12, 20)]
     torch.testing.assert_close(torch.stack(outs[0]), torch.stack(outs[1]), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_static_cache_refuses_a_step_under_another_attention():
+    from mustafar import StaticMustafarCache
+
+    model = tiny_model(seed=8)
+    ids = prompt(14, seed=10)
+    cache = StaticMustafarCache(model.config, max_tokens=32, window=4)
+    model(ids[:, :12], **{CACHE: cache}, position_ids=torch.arange(12)[None])
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="StaticMustafarCache layer 0: .*'sdpa'.*unchanged"):
+        model(ids[:, 12:13], **{CACHE: cache}, position_ids=torch.tensor([[12]]))
+    assert cache.get_seq_length() == 12
+    model.set_attn_implementation("mustafar")
+    logits = model(ids[:, 12:13], **{CACHE: cache}, position_ids=torch.tensor([[12]])).logits
+    expected = StaticMustafarCache(model.config, max_tokens=32, window=4)
+    model(ids[:, :12], **{CACHE: expected}, position_ids=torch.arange(12)[None])
+    torch.testing.assert_close(logits, model(ids[:, 12:13], **{CACHE: expected},
+                                             position_ids=torch.tensor([[12]])).logits, rtol=0, atol=0)
