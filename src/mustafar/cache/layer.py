@@ -31,6 +31,7 @@ change that:
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 
@@ -43,7 +44,7 @@ from ..format import BitmapKV
 from ..model_support import check_attention_implementation, check_reader
 from ..ops import BACKENDS, append, decode_attention_unchecked
 from .rows import BatchRowEdits
-from .rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
+from .rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix, query_blocks
 
 __all__ = ["NO_OFFLOADING", "MustafarLayer"]
 
@@ -86,6 +87,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         self._padding_from: int | None = None  # set by an update after which a row may still be all padding
         self._reader: int | None = None
         self._reader_config = None  # config of the reader module: which attention reads the next update
+        self._before_eviction: tuple | None = None  # (stored, keys, values) before a multi-token step's eviction
 
     def __repr__(self) -> str:
         return (
@@ -138,8 +140,12 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         self._pending = old == 0  # the prefill (any length): evicted after its attention has read the padding
         # a row holding only padding so far (pads never exceed the tokens held): its pads may go on in this update
         self._padding_from = old if old and max(self.pads) == old else None
+        self._before_eviction = None
         if not self._pending and self._padding_from is None:
+            before = (self.stored_tokens, self.keys, self.values)
             self._evict(old if self.record_past else old + n)
+            if n > 1 and self.stored_tokens > before[0]:  # its first queries may need the moved tokens dense
+                self._before_eviction = before
         dense = self._pending or (self.stored_tokens == 0 and self._nothing_pruned(old + n))
         link_tensor(self.keys, Link(self, dense))
         self._unconsumed = True
@@ -221,20 +227,38 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
         """Decode attention of ``query [b, q_heads, q_len, d]`` over the store and the window ``key``/``value``.
 
-        Window tokens before a row's boundary are pruned on the fly. ``attention_mask`` covers every token
-        held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
+        Each query sees the cache as token-by-token decoding would have shown it (issue 17): the tokens
+        before its own row boundaries pruned, the later ones dense. Window tokens before a boundary are
+        pruned on the fly; a step whose queries lie on both sides of a boundary runs one attention per
+        run of queries (:func:`~mustafar.cache.rules.query_blocks`), each over the tokens up to its last
+        query, with the tokens this step moved to the store still dense. ``attention_mask`` covers every
+        token held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
         """
-        total, stored = self.get_seq_length(), self.stored_tokens
-        lags = [max(0, b - stored) for b in boundaries(total, self.pads, self.window, self.chunk)]
-        if self._padding_from is not None:
-            # a row that held only padding before this update: its first real tokens (one or more) are its prefill
-            lags = [0 if p >= self._padding_from else lag for p, lag in zip(self.pads, lags)]
-        key = prune_rows_prefix(key, lags, self.key_sparsity)
-        value = prune_rows_prefix(value, lags, self.value_sparsity)
-        window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
+        total, n = self.get_seq_length(), query.shape[2]
+        mask = held_mask(attention_mask, total)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        return decode_attention_unchecked(query, self.key_store, self.value_store, *window, scale, self.backend,
-                                          held_mask(attention_mask, total))
+        # a row that held only padding before this update: its first real tokens (one or more) are its prefill
+        dense_rows = [self._padding_from is not None and p >= self._padding_from for p in self.pads]
+        blocks = query_blocks(total - n, n, [p for p, d in zip(self.pads, dense_rows) if not d] or [0],
+                              self.window, self.chunk)
+        stores, stored = (self.key_store, self.value_store), self.stored_tokens
+        if len(blocks) > 1 and self._before_eviction is not None:  # the store as it was before this step
+            stored, key, value = self._before_eviction
+            stores = tuple(_first_tokens(store, stored) for store in stores)
+        self._before_eviction = None
+        outputs = []
+        for start, stop in blocks:
+            end = total - n + stop  # tokens up to the block's last query
+            lags = [0 if d else max(0, b - stored)
+                    for b, d in zip(boundaries(end, self.pads, self.window, self.chunk), dense_rows)]
+            keys = prune_rows_prefix(key[:, :, : end - stored], lags, self.key_sparsity)
+            values = prune_rows_prefix(value[:, :, : end - stored], lags, self.value_sparsity)
+            window = (keys, values) if keys.shape[2] else (None, None)  # window 0: every token is in the store
+            block_mask = None if mask is None else mask[..., start:stop, :end] if mask.shape[-2] == n else \
+                mask[..., :end]
+            outputs.append(decode_attention_unchecked(query[:, :, start:stop], *stores, *window, scale,
+                                                      self.backend, block_mask))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -272,6 +296,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         """Drop every token and the reader; the next update starts a new sequence (any batch size)."""
         self.keys = self.values = self.key_store = self.value_store = None
         self.pads, self._reader, self._padding_from, self._reader_config = [], None, None, None
+        self._before_eviction = None
         self.is_initialized = self._unconsumed = self._pending = False
 
     def offload(self) -> None:
@@ -321,3 +346,10 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
 
 def _held_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _first_tokens(store: BitmapKV, tokens: int) -> BitmapKV:
+    """A view of the first ``tokens`` of ``store`` (same buffers; the store itself is not changed)."""
+    view = copy.copy(store)
+    view.truncate(tokens)
+    return view
