@@ -99,3 +99,17 @@ def test_padded_batch_multi_token_steps_equal_token_by_token(record_past):
         outputs.append(torch.cat(logits, dim=1))
         assert cache.get_seq_length() == 25
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+def test_multi_token_steps_equal_token_by_token_on_the_gpu(backend):
+    """The CUDA kernel's and Triton's q_len > 1 paths (fp16, head_dim 64): blocks equal one token at a time."""
+    model = tiny_model(seed=6, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                       dtype=torch.float16).cuda()
+    ids = prompt(60, seed=7).cuda()
+    setting = dict(key_sparsity=0.6, value_sparsity=0.4, window=3, chunk=8, backend=backend)
+    blocks = forced_logits(model, MustafarCache(**setting), ids, 17, block=6)
+    single = forced_logits(model, MustafarCache(**setting), ids, 17, block=1)
+    torch.testing.assert_close(blocks, single, rtol=2e-2, atol=2e-2)

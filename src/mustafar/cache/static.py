@@ -183,6 +183,13 @@ class StaticMustafarLayer(CacheLayerMixin):
                 raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
                                  f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
         shape, dtype = self._expected(key_states)
+        batch = key_states.shape[0]
+        if not self.is_initialized and batch != shape[0] and batch % shape[0] == 0:
+            raise NotImplementedError(
+                f"{_NO_ROWS}. The prefill has {batch} rows, {batch // shape[0]} times batch_size={shape[0]}: "
+                "generate() repeats the batch for num_beams > 1 (beam search) or num_return_sequences > 1; for "
+                f"sampling with num_return_sequences, pass batch_size={batch}"
+            )
         for name, new in (("key_states", key_states), ("value_states", value_states)):
             if (new.shape[0], new.shape[1], new.shape[3]) != shape or new.dtype != dtype \
                     or new.shape[2] != key_states.shape[2]:
