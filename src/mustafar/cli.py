@@ -289,9 +289,9 @@ def bench(
                                      "qwen2.5-7b, tiny.", show_default="llama3-8b"),
     layers: int | None = typer.Option(None, min=1, help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
-                                       show_default="1,8,16,32"),
+                                       show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
-                                       show_default="4096,16384,32768"),
+                                       show_default="4096,16384,32768 within the shape's positions; tiny: 256,1024"),
     settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
