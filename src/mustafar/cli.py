@@ -161,8 +161,8 @@ def evaluate(
                                           show_default="the Python Language Reference shipped with Python"),
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
     ppl_tokens: int = typer.Option(256, min=1, help="Continuation tokens scored per perplexity window."),
-    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (1 = exact "
-                                  "token-by-token decoding)."),
+    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (each query "
+                                  "attends as in token-by-token decoding; 1 = one token per forward)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,

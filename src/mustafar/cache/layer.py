@@ -251,13 +251,17 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
             end = total - n + stop  # tokens up to the block's last query
             lags = [0 if d else max(0, b - stored)
                     for b, d in zip(boundaries(end, self.pads, self.window, self.chunk), dense_rows)]
-            keys = prune_rows_prefix(key[:, :, : end - stored], lags, self.key_sparsity)
-            values = prune_rows_prefix(value[:, :, : end - stored], lags, self.value_sparsity)
+            held = end - stored  # window tokens up to the block's last query
+            keys = prune_rows_prefix(key if held == key.shape[2] else key[:, :, :held], lags, self.key_sparsity)
+            values = prune_rows_prefix(value if held == value.shape[2] else value[:, :, :held], lags,
+                                       self.value_sparsity)
             window = (keys, values) if keys.shape[2] else (None, None)  # window 0: every token is in the store
-            block_mask = None if mask is None else mask[..., start:stop, :end] if mask.shape[-2] == n else \
-                mask[..., :end]
-            outputs.append(decode_attention_unchecked(query[:, :, start:stop], *stores, *window, scale,
-                                                      self.backend, block_mask))
+            block_query, block_mask = query, mask
+            if len(blocks) > 1:
+                block_query = query[:, :, start:stop]
+                block_mask = None if mask is None else mask[..., start:stop, :end] if mask.shape[-2] == n else \
+                    mask[..., :end]
+            outputs.append(decode_attention_unchecked(block_query, *stores, *window, scale, self.backend, block_mask))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     # ------------------------------------------------------------------ sizes
