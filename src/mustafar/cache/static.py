@@ -126,11 +126,14 @@ class StaticMustafarLayer(CacheLayerMixin):
                 :func:`mustafar.model_support.check_attention_implementation`); the previous output was not read
                 by the ``"mustafar"`` attention; states of another shape, dtype or device type; a multi-token step
                 on a non-empty cache; more tokens than ``max_tokens``.
+            NotImplementedError: a prefill batch that is a multiple of ``batch_size`` (``generate()`` repeats
+                the batch for beam search: not supported, see :meth:`StaticMustafarCache.reorder_cache`).
         """
         check_attention_implementation(self.layer_idx, self._reader_config, cache="StaticMustafarCache")
         if self._unconsumed:
             raise ValueError(f"StaticMustafarCache layer {self.layer_idx}: the previous update was not read by the "
-                             "'mustafar' attention; load the model with attn_implementation=\"mustafar\"")
+                             "'mustafar' attention; call cache.reset(), load the model with "
+                             "attn_implementation=\"mustafar\" and run the prompt again")
         self._check_states(key_states, value_states)
         n = key_states.shape[2]
         if self.host_length + n > self.max_tokens:
