@@ -14,6 +14,7 @@ from hardening_common import CACHE, forced_logits, generate, left_pad, prompt, t
 
 import mustafar
 from mustafar import MustafarCache
+from mustafar.cache.rules import boundaries, query_blocks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
@@ -57,6 +58,20 @@ def test_speculative_decoding_equals_plain_greedy(models, rule, sparsity):
         assisted = generate(model, ids, MustafarCache(**setting), 16, assistant_model=assistant)
         assert torch.equal(lookup, plain), f"prompt lookup, prompt {seed}"
         assert torch.equal(assisted, plain), f"assisted, prompt {seed}"
+
+
+def test_query_blocks_split_where_a_boundary_moves():
+    """The runs of queries are exactly the maximal runs of equal boundaries (brute force, padded rows too)."""
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=gen))  # noqa: E731
+    for _ in range(3000):
+        old, n, window, chunk = draw(0, 40), draw(1, 20), draw(0, 6), draw(1, 7)
+        pads = [draw(0, old + n) for _ in range(draw(1, 3))]
+        seen = [boundaries(old + i + 1, pads, window, chunk) for i in range(n)]
+        cuts = [0] + [i for i in range(1, n) if seen[i] != seen[i - 1]] + [n]
+        assert query_blocks(old, n, pads, window, chunk) == list(zip(cuts[:-1], cuts[1:])), (old, n, pads)
+    assert query_blocks(1000, 5, [0], 32, 256) == [(0, 5)]  # the common case: one run
+    assert query_blocks(0 + 32 + 256 - 3, 5, [0], 32, 256) == [(0, 2), (2, 5)]  # the 3rd query reaches 32 + 256
 
 
 BACKENDS = [b for b in ("torch", "triton") if b in mustafar.ops.available_backends()]
