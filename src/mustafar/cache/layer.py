@@ -238,9 +238,10 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         mask = held_mask(attention_mask, total)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         # a row that held only padding before this update: its first real tokens (one or more) are its prefill
-        dense_rows = [self._padding_from is not None and p >= self._padding_from for p in self.pads]
-        blocks = query_blocks(total - n, n, [p for p, d in zip(self.pads, dense_rows) if not d] or [0],
-                              self.window, self.chunk)
+        first = self._padding_from
+        dense_rows = [False] * len(self.pads) if first is None else [p >= first for p in self.pads]
+        blocks = [(0, 1)] if n == 1 else query_blocks(
+            total - n, n, sorted({p for p, d in zip(self.pads, dense_rows) if not d}) or [0], self.window, self.chunk)
         stores, stored = (self.key_store, self.value_store), self.stored_tokens
         if len(blocks) > 1 and self._before_eviction is not None:  # the store as it was before this step
             stored, key, value = self._before_eviction
