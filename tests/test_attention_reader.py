@@ -8,7 +8,7 @@ error came one update later, and the cache then stayed unusable even after switc
 
 import pytest
 import torch
-from hardening_common import CACHE, generate, prompt, tiny_model
+from helpers import CACHE, generate, prompt, tiny_model
 from transformers import DynamicCache
 
 from mustafar import MustafarCache

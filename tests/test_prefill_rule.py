@@ -9,7 +9,7 @@ whose first real update in a chunked prefill held one token differed by 0.24.
 
 import pytest
 import torch
-from hardening_common import CACHE, generate, left_pad, prompt, tiny_model
+from helpers import CACHE, generate, left_pad, prompt, tiny_model
 from transformers import DynamicCache
 
 from mustafar import MustafarCache

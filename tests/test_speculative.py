@@ -10,7 +10,7 @@ block was pruned at the block's final boundary: other tokens than plain greedy's
 
 import pytest
 import torch
-from hardening_common import CACHE, forced_logits, generate, left_pad, prompt, tiny_model
+from helpers import CACHE, forced_logits, generate, left_pad, prompt, tiny_model
 
 import mustafar
 from mustafar import MustafarCache

@@ -8,7 +8,7 @@ shape ``ValueError`` at the prefill (generate repeats the batch for the beams fi
 
 import pytest
 import torch
-from hardening_common import CACHE, generate, prompt, tiny_model
+from helpers import CACHE, generate, prompt, tiny_model
 
 from mustafar import StaticMustafarCache
 

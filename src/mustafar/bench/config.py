@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..config import SparsityConfig, parse_setting
-from .caches import MODES
+from ..generation import MODES, parse_dtype
 from .capacity import PREFILLS
-from .models import SHAPES, resolve_dtype
+from .models import SHAPES
 
 __all__ = ["BenchConfig", "DEFAULT_GRID", "QUICK", "SHAPE_GRIDS"]
 
@@ -135,7 +135,7 @@ class BenchConfig:
             raise ValueError(f"prompts + new_tokens must fit the {self.shape} shape's {positions} positions "
                              f"(max_position_embeddings), got prompt {longest} + {self.new_tokens} new tokens")
         if self.dtype is not None:
-            resolve_dtype(self.dtype)
+            parse_dtype(self.dtype)
         if self.memory_limit_bytes is not None:
             _positive_ints("memory_limit_bytes", (self.memory_limit_bytes,))
         if self.budget_gib is not None and not (isinstance(self.budget_gib, (int, float)) and self.budget_gib > 0):
