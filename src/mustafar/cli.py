@@ -171,8 +171,8 @@ def evaluate(
                                           show_default="the Python Language Reference shipped with Python"),
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
     ppl_tokens: int = typer.Option(256, min=1, help="Continuation tokens scored per perplexity window."),
-    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (1 = exact "
-                                  "token-by-token decoding)."),
+    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (each query "
+                                  "attends as in token-by-token decoding; 1 = one token per forward)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,
@@ -282,9 +282,9 @@ def bench(
                                      "qwen2.5-7b, tiny.", show_default="llama3-8b"),
     layers: int | None = typer.Option(None, min=1, help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
-                                       show_default="1,8,16,32"),
+                                       show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
-                                       show_default="4096,16384,32768"),
+                                       show_default="4096,16384,32768 within the shape's positions; tiny: 256,1024"),
     settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
                                         "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
