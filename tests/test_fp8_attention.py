@@ -232,3 +232,19 @@ def test_generation_and_bench_caches_carry_the_kept_dtype():
     model(ids, **cache_kwargs(model, dynamic))
     assert dynamic.layers[0].key_store.is_fp8
     compress_op(dynamic, setting, 1, model).run()  # the bench's timed compression writes FP8 stores
+
+
+def test_multi_token_step_equals_token_by_token_with_fp8():
+    """Issue 17's rule holds with FP8 kept values: a 6-token step crossing chunk boundaries reads what
+    token-by-token decoding reads (window tokens pruned on the fly are quantised like the store)."""
+    model = _tiny("llama")
+    ids = torch.randint(128, (1, 30), generator=torch.Generator().manual_seed(4))
+    step = torch.randint(128, (1, 6), generator=torch.Generator().manual_seed(5))
+    caches = [mustafar.MustafarCache(0.5, 0.5, window=4, chunk=4, kept_dtype=FP8, backend="torch") for _ in range(2)]
+    for cache in caches:
+        model(ids, **cache_kwargs(model, cache))
+    together = model(step, **cache_kwargs(model, caches[0]), position_ids=torch.arange(30, 36)[None]).logits
+    one_by_one = torch.cat([model(step[:, i:i + 1], **cache_kwargs(model, caches[1]),
+                                  position_ids=torch.tensor([[30 + i]])).logits for i in range(6)], dim=1)
+    assert torch.allclose(together, one_by_one, atol=1e-4, rtol=1e-4)
+    assert caches[0].layers[0].key_store.is_fp8
