@@ -7,11 +7,12 @@ import torch
 
 import mustafar
 from mustafar.bench import run_bench
-from mustafar.bench.caches import bookkeeping_op, make_cache
+from mustafar.bench.caches import bookkeeping_op
 from mustafar.bench.config import BenchConfig
 from mustafar.bench.decode import graph_decode
 from mustafar.bench.memory import predict_bytes
 from mustafar.bench.models import build_config, build_model, model_dims
+from mustafar.generation import make_cache
 
 SMALL = dict(shape="tiny", batches=(1,), prompts=(48,), new_tokens=5, window=8, chunk=16, device="cpu",
              dtype="float32", warmup=False, ttft_repeats=1, op_repeats=2)
@@ -24,11 +25,12 @@ def model():
 
 
 def test_graph_mode_dense_row_is_the_fair_cache(model):
-    dense = make_cache("graph", mustafar.parse_setting("dense"), model, 2, 64)
+    dense = make_cache(mustafar.parse_setting("dense"), "graph", model=model, batch=2, max_tokens=64)
     assert isinstance(dense, mustafar.DenseStaticCache) and dense.captures_length
-    sparse = make_cache("graph", mustafar.parse_setting("K0.7V0.7", window=8), model, 2, 64, backend="torch")
+    sparse = make_cache(mustafar.parse_setting("K0.7V0.7", window=8), "graph", model=model, batch=2, max_tokens=64,
+                        backend="torch")
     assert isinstance(sparse, mustafar.StaticMustafarCache) and not getattr(sparse, "captures_length", False)
-    assert isinstance(make_cache("generate", mustafar.parse_setting("dense"), model, 2, 64),
+    assert isinstance(make_cache(mustafar.parse_setting("dense"), "generate", model=model, batch=2, max_tokens=64),
                       __import__("transformers").DynamicCache)
 
 
@@ -63,7 +65,7 @@ def test_graph_decode_tokens_do_not_depend_on_the_prefill_chunk(model):
     prompt = torch.randint(512, (2, 40), generator=torch.Generator().manual_seed(1))
     for setting in ("dense", "K0.0V0.0"):
         parsed = mustafar.parse_setting(setting, window=8)
-        caches = [make_cache("graph", parsed, model, 2, 48, backend="torch") for _ in range(2)]
+        caches = [make_cache(parsed, "graph", model=model, batch=2, max_tokens=48, backend="torch") for _ in range(2)]
         whole, _ = graph_decode(model, caches[0], prompt, 6, capture=False)
         chunked, _ = graph_decode(model, caches[1], prompt, 6, capture=False, prefill_chunk=12)
         assert torch.equal(whole, chunked)
@@ -72,7 +74,7 @@ def test_graph_decode_tokens_do_not_depend_on_the_prefill_chunk(model):
 def test_bookkeeping_op_of_each_cache(model):
     for setting, expected in (("dense", True), ("K0.5V0.5", True)):
         parsed = mustafar.parse_setting(setting, window=8)
-        cache = make_cache("graph", parsed, model, 1, 32, backend="torch")
+        cache = make_cache(parsed, "graph", model=model, batch=1, max_tokens=32, backend="torch")
         with torch.inference_mode():
             graph_decode(model, cache, torch.randint(512, (1, 20)), 4, capture=False)
         op = bookkeeping_op(cache, parsed, 1, model)
@@ -80,7 +82,8 @@ def test_bookkeeping_op_of_each_cache(model):
         op.run()
     for setting in ("dense", "K0.5V0.5"):  # DynamicCache, MustafarCache: the compression op serves
         parsed = mustafar.parse_setting(setting)
-        assert bookkeeping_op(make_cache("generate", parsed, model, 1, 32), parsed, 1, model) is None
+        cache = make_cache(parsed, "generate", model=model, batch=1, max_tokens=32)
+        assert bookkeeping_op(cache, parsed, 1, model) is None
 
 
 def test_predicted_memory_with_chunks_and_no_repeat_kv():
@@ -96,9 +99,9 @@ def test_capacity_probes_prefill_in_chunks(model, monkeypatch):
     from mustafar.bench import capacity
 
     chunks = []
-    real = capacity.prefill
-    monkeypatch.setattr(capacity, "prefill", lambda m, c, ids, chunk=None: chunks.append(chunk) or real(m, c, ids,
-                                                                                                           chunk))
+    real = capacity.first_tokens
+    monkeypatch.setattr(capacity, "first_tokens",
+                        lambda m, c, ids, chunk=None: chunks.append(chunk) or real(m, c, ids, chunk))
     for setting in ("dense", "K0.7V0.7"):
         parsed = mustafar.parse_setting(setting, window=8)
         probe = capacity.make_probe(model, parsed, "graph", 40, 10**12, steps=2, backend="torch", chunk=16)(3)
@@ -185,11 +188,57 @@ def test_fill_random_leaves_a_prefilled_cache(model, mode, setting):
     from mustafar.bench.decode import fill_random
 
     parsed = mustafar.parse_setting(setting, window=8, chunk=16)
-    cache = make_cache(mode, parsed, model, 2, 64, backend="torch")
+    cache = make_cache(parsed, mode, model=model, batch=2, max_tokens=64, backend="torch")
     prompt = torch.randint(512, (2, 40))
     with torch.inference_mode():
         first = fill_random(model, cache, prompt, chunk=16)
-        tokens, _ = graph_decode(model, make_cache(mode, parsed, model, 2, 64, backend="torch"), prompt, 5,
-                                 capture=False, random_fill=True, prefill_chunk=16)
+        fresh = make_cache(parsed, mode, model=model, batch=2, max_tokens=64, backend="torch")
+        tokens, _ = graph_decode(model, fresh, prompt, 5, capture=False, random_fill=True, prefill_chunk=16)
     assert torch.equal(first, prompt[:, -1:]) and cache.get_seq_length() == 40 and tokens.shape == (2, 5)
     assert all(layer.get_seq_length() == 40 for layer in cache.layers)
+
+
+def _gpu_runner():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "run_gpu.py"
+    spec = importlib.util.spec_from_file_location("run_gpu_fair", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_gpu_fair"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_runner_fair_steps(tmp_path):
+    """The runner's steps of issue 14's table: commands the CLI takes; a failed GPU check turns the fusion off."""
+    import sys
+
+    import typer
+
+    from mustafar.cli import app
+
+    runner = _gpu_runner()
+    args = runner.parse_args(["fair-tests", "e2e-fair", "ttft-fair", "capacity-fair", "--out", str(tmp_path),
+                              "--fair-settings", "dense,K0.7V0.7"])
+    options = {opt for param in typer.main.get_command(app).commands["bench"].params for opt in param.opts}
+    for name in args.steps[1:]:
+        command = runner.STEPS[name].command(args)
+        assert command[1:4] == ["-m", "mustafar", "bench"] and "--modes" in command
+        assert {part for part in command[4:] if part.startswith("--")} <= options, name
+    decode = runner.STEPS["e2e-fair"].command(args)
+    assert "--random-fill" in decode and decode[decode.index("--settings") + 1] == "dense,K0.7V0.7"
+    assert runner.STEPS["fair-tests"].command(args)[-1] == "tests/test_gpu_fair_baseline.py"
+    runner.STEPS["fail"] = runner.Step(lambda a: [sys.executable, "-c", "raise SystemExit(1)"], 30,
+                                       failure_env=(("MUSTAFAR_FUSED_BOOKKEEPING", "0"),))
+    runner.STEPS["show"] = runner.Step(lambda a: [sys.executable, "-c", "import os; print("
+                                                  "os.environ.get('MUSTAFAR_FUSED_BOOKKEEPING'))"], 30)
+    try:
+        assert runner.main(["show", "fail", "show", "--out", str(tmp_path)]) == 1  # duplicates dropped: one show
+        assert (tmp_path / "show.log").read_text() == "None\n"
+        runner.main(["fail", "show", "--out", str(tmp_path)])
+        assert (tmp_path / "show.log").read_text() == "0\n"
+    finally:
+        runner.STEPS.pop("fail"), runner.STEPS.pop("show")
+        sys.modules.pop("run_gpu_fair", None)

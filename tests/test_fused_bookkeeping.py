@@ -105,3 +105,18 @@ def test_fused_can_be_turned_off(monkeypatch):
     assert layer.fused
     monkeypatch.setenv(FUSED_ENV, "0")
     assert not layer.fused
+
+
+def test_fp8_kept_values_take_the_unfused_ops():
+    """The fused kernel writes kept values in the cache dtype: FP8 stores (issue 15) take the unfused ops, alike."""
+    torch.manual_seed(3)
+    layers = [StaticMustafarLayer(12, 0.5, 0.5, 4, backend=backend, kept_dtype=torch.float8_e4m3fn)
+              for backend in ("torch", "triton")]
+    _feed(layers, torch.randn(1, 2, 5, 64, device=DEVICE), torch.randn(1, 2, 5, 64, device=DEVICE))
+    assert not any(layer.fused for layer in layers)
+    for _ in range(4):
+        _feed(layers, torch.randn(1, 2, 1, 64, device=DEVICE), torch.randn(1, 2, 1, 64, device=DEVICE))
+    for a, b in zip(_state(layers[0]), _state(layers[1])):
+        assert torch.equal(a, b)
+    assert torch.equal(layers[0].key_store.scales, layers[1].key_store.scales)
+    layers[1].bookkeeping_probe()()  # scratch stores of the layer's kept dtype

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import mustafar
-from mustafar.bench.decode import graph_decode, prefill
+from mustafar.bench.decode import first_tokens, graph_decode
 from mustafar.chunk_attention import chunk_attention
 from mustafar.reference import decode_attention_reference
 from mustafar.cache import StaticMustafarLayer
@@ -89,13 +89,13 @@ def test_chunk_attention_on_the_gpu(dtype, n, t):
 @pytest.mark.parametrize("setting", ["dense", "K0.0V0.0", "K0.7V0.7"])
 def test_graph_decode_on_the_gpu_matches_eager(setting):
     """Per-step graphs (dense) and one replayed graph (sparse) give the eager loop's tokens."""
-    from mustafar.bench.caches import make_cache
+    from mustafar.generation import make_cache
 
     cfg, model = _model()
     prompt = torch.randint(256, (2, 300), device="cuda")
     parsed = mustafar.parse_setting(setting, window=32)
-    runs = [graph_decode(model, make_cache("graph", parsed, model, 2, 340), prompt, 24, capture=capture,
-                         prefill_chunk=chunk)[0] for chunk in (None, 128) for capture in (False, True)]
+    runs = [graph_decode(model, make_cache(parsed, "graph", model=model, batch=2, max_tokens=340), prompt, 24,
+                         capture=capture, prefill_chunk=chunk)[0] for chunk in (None, 128) for capture in (False, True)]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
     if setting != "K0.7V0.7":  # at sparsity 0 chunks see what one step sees (fp16 rounding aside)
         assert (runs[0] == runs[2]).float().mean() > 0.8
@@ -110,5 +110,5 @@ def test_dense_static_matches_dynamic_cache_on_the_gpu():
     tokens, _ = graph_decode(model, mustafar.DenseStaticCache(cfg, 3, 216), prompt, 16, capture=True)
     assert torch.equal(tokens, expected[:, 200:])
     with torch.no_grad():
-        first = prefill(model, mustafar.DenseStaticCache(cfg, 3, 216), prompt, chunk=64)
+        first = first_tokens(model, mustafar.DenseStaticCache(cfg, 3, 216), prompt, chunk=64)
     assert torch.equal(first, expected[:, 200:201])

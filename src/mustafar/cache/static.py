@@ -54,6 +54,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from ..attention import Link, link_tensor
 from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from ..fp8 import check_kept_dtype, is_fp8
+from ..model_support import check_attention_implementation
 from ..ops import append
 from .dynamic import check_backend, check_layer_idx
 from .rules import pads_from_mask
@@ -91,8 +93,10 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
 
     def __init__(self, max_tokens: int, key_sparsity: float, value_sparsity: float, window: int,
                  backend: str = "auto", layer_idx: int = 0, *, batch_size: int | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 kept_dtype: torch.dtype | None = None):
         super().__init__()
+        self.kept_dtype = check_kept_dtype(kept_dtype, dtype)
         self.max_tokens, self.window, self.backend, self.layer_idx = max_tokens, window, backend, layer_idx
         self.key_sparsity, self.value_sparsity = key_sparsity, value_sparsity
         self.expected_batch, self.expected_dtype = batch_size, dtype
@@ -101,6 +105,7 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
         self.host_length = 0  # mirror of `length` for eager callers; not advanced by graph replays
         self.decoding = self._unconsumed = False
         self._chunk_history = None  # what the attention of the last prefill chunk reads (see _chunk)
+        self._reader_config = None  # config of the reader module: which attention reads the next update
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate the ring, the stores (whole capacity) and ``length`` like ``key_states``.
@@ -114,9 +119,11 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         dtype, device = key_states.dtype, key_states.device
         capacity = max(0, self.max_tokens - self.window)
-        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, self.key_sparsity, dtype, device, capacity=capacity)
+        kept = self.kept_dtype
+        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, self.key_sparsity, dtype, device, capacity=capacity,
+                                        kept_dtype=kept)
         self.value_store = BitmapKV.empty(batch, kv_heads, head_dim, self.value_sparsity, dtype, device,
-                                          capacity=capacity)
+                                          capacity=capacity, kept_dtype=kept)
         self.keys = torch.zeros(batch, kv_heads, self.window, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros((), dtype=torch.int64, device=device)
@@ -130,12 +137,18 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
         allocates only per-token temporaries and reads nothing on the host.
 
         Raises:
-            ValueError: the previous output was not read by the ``"mustafar"`` attention; states of another
-                shape, dtype or device type; a multi-token step after a one-token step; more tokens than ``max_tokens``.
+            ValueError: the model now runs another attention than ``"mustafar"`` (refused before any change:
+                :func:`mustafar.model_support.check_attention_implementation`); the previous output was not read
+                by the ``"mustafar"`` attention; states of another shape, dtype or device type; a multi-token step
+                after a one-token decode step; more tokens than ``max_tokens``.
+            NotImplementedError: a prefill batch that is a multiple of ``batch_size`` (``generate()`` repeats
+                the batch for beam search: not supported, see :meth:`StaticMustafarCache.reorder_cache`).
         """
+        check_attention_implementation(self.layer_idx, self._reader_config, cache="StaticMustafarCache")
         if self._unconsumed:
             raise ValueError(f"StaticMustafarCache layer {self.layer_idx}: the previous update was not read by the "
-                             "'mustafar' attention; load the model with attn_implementation=\"mustafar\"")
+                             "'mustafar' attention; call cache.reset(), load the model with "
+                             "attn_implementation=\"mustafar\" and run the prompt again")
         self._check_states(key_states, value_states)
         n = key_states.shape[2]
         if self.host_length + n > self.max_tokens:
@@ -186,6 +199,13 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
                 raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
                                  f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
         shape, dtype = self._expected(key_states)
+        batch = key_states.shape[0]
+        if not self.is_initialized and batch != shape[0] and batch % shape[0] == 0:
+            raise NotImplementedError(
+                f"{_NO_ROWS}. The prefill has {batch} rows, {batch // shape[0]} times batch_size={shape[0]}: "
+                "generate() repeats the batch for num_beams > 1 (beam search) or num_return_sequences > 1; for "
+                f"sampling with num_return_sequences, pass batch_size={batch}"
+            )
         for name, new in (("key_states", key_states), ("value_states", value_states)):
             if (new.shape[0], new.shape[1], new.shape[3]) != shape or new.dtype != dtype \
                     or new.shape[2] != key_states.shape[2]:
@@ -208,6 +228,8 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
             ValueError: the prefill's ``attention_mask`` pads a row (this cache ignores masks; use MustafarCache).
         """
         self._unconsumed = False
+        if module is not None:
+            self._reader_config = getattr(module, "config", None)
         tokens = self.host_length
         prefill = attention_mask is not None and tokens > 1 and attention_mask.shape[-2] == tokens
         if prefill and any(pads_from_mask(attention_mask, self.keys.shape[0], tokens)):
@@ -274,6 +296,9 @@ class StaticMustafarCache(Cache):
             that ``device=model.device`` also works for layers that ``device_map`` put on other GPUs).
             The storage always sits on each layer's own key device.
         backend: ``"auto"``, ``"cuda"`` or ``"torch"`` (``"triton"`` uses the reference).
+        kept_dtype: ``None`` (the cache dtype, default) or ``torch.float8_e4m3fn``: kept values in e4m3 with
+            one scale per token and head (``max kept |x| / 448``, :mod:`mustafar.fp8`); ``"cuda"`` then raises
+            and ``"auto"`` decodes with the reference (the CUDA kernels do not read FP8).
 
     Raises:
         ValueError / TypeError: bad sizes, sparsities, dtype or backend; at the prefill, keys that
@@ -285,7 +310,8 @@ class StaticMustafarCache(Cache):
 
     def __init__(self, config=None, batch_size: int | None = None, max_tokens: int | None = None,
                  key_sparsity: float = 0.5, value_sparsity: float = 0.5, window: int = 32,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, backend: str = "auto"):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, backend: str = "auto",
+                 kept_dtype: torch.dtype | None = None):
         if max_tokens is None:
             raise TypeError("StaticMustafarCache needs max_tokens: the prompt + generated tokens it must hold")
         if dtype is not None and dtype not in CACHE_DTYPES:
@@ -296,7 +322,9 @@ class StaticMustafarCache(Cache):
         self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
         self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
         batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
-        self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device))
+        self.kept_dtype = check_kept_dtype(kept_dtype, dtype)
+        self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device),
+                            kept_dtype=self.kept_dtype)
         self.backend = backend
         super().__init__(layers=[self._new_layer(i) for i in range(config_layers(config))])
 
@@ -306,7 +334,8 @@ class StaticMustafarCache(Cache):
 
     def __repr__(self) -> str:
         return (f"StaticMustafarCache(K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}, "
-                f"max_tokens={self.max_tokens}, layers={len(self.layers)})")
+                f"max_tokens={self.max_tokens}{', kept_dtype=float8_e4m3fn' if is_fp8(self.kept_dtype) else ''}, "
+                f"layers={len(self.layers)})")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append to layer ``layer_idx`` (an int >= 0; created if needed); see :meth:`StaticMustafarLayer.update`."""
@@ -347,7 +376,8 @@ class StaticMustafarCache(Cache):
         def held(layer):
             b, h, _, d = layer.keys.shape
             stored = max(0, layer.host_length - self.window)
-            rows = sum(bytes_per_token(d, s.sparsity, s.dtype) for s in (layer.key_store, layer.value_store))
+            rows = sum(bytes_per_token(d, s.sparsity, s.dtype, s.kept_dtype)
+                       for s in (layer.key_store, layer.value_store))
             dense = 2 * min(layer.host_length, self.window) * dense_bytes_per_token(d, layer.dtype)
             return b * h * (stored * rows + dense)
         return self._bytes(held)

@@ -21,7 +21,8 @@ import os
 import torch
 
 from ..chunk_attention import chunk_attention
-from ..format import BitmapKV, expand
+from ..format import BitmapKV, expand_store
+from ..fp8 import is_fp8
 from ..ops import append
 from .static_ops import static_evict
 
@@ -39,12 +40,15 @@ class StaticSteps:
 
     @property
     def fused(self) -> bool:
-        """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter)."""
+        """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter).
+
+        Not for FP8 kept values (the kernel writes kept values in the cache dtype): those take the unfused ops.
+        """
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
 
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
-        allowed = os.environ.get(FUSED_ENV, "1") != "0"
+        allowed = os.environ.get(FUSED_ENV, "1") != "0" and not is_fp8(self.kept_dtype)
         return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
@@ -80,7 +84,8 @@ class StaticSteps:
         from ..format import CAPACITY_GRANULE
 
         b, h, w, d = self.keys.shape
-        stores = [BitmapKV.empty(b, h, d, store.sparsity, self.dtype, self.device, capacity=CAPACITY_GRANULE)
+        stores = [BitmapKV.empty(b, h, d, store.sparsity, self.dtype, self.device, capacity=CAPACITY_GRANULE,
+                                 kept_dtype=self.kept_dtype)
                   for store in (self.key_store, self.value_store)]
         length = torch.full((), w, dtype=torch.int64, device=self.device)
         state = (self.keys.clone(), self.values.clone(), *stores, length, torch.zeros_like(self.counter))
@@ -137,21 +142,24 @@ class StaticSteps:
                  rows: slice) -> torch.Tensor:
         """Dense ``[rows, kv_heads, stored + window + n, head_dim]``: store rows decompressed, window, new."""
         values, bitmaps = store.storage
+        scales = None if store.scale_storage is None else store.scale_storage[rows, :, :stored]
         held = stored + window.shape[2]
         out = torch.empty(*new.shape[:2], held + new.shape[2], new.shape[3], dtype=new.dtype, device=new.device)
-        _expand_into(values[rows, :, :stored], bitmaps[rows, :, :stored], out[:, :, :stored], self.fused)
+        _expand_into(values[rows, :, :stored], bitmaps[rows, :, :stored], out[:, :, :stored], self.fused, scales)
         out[:, :, stored:held] = window
         out[:, :, held:] = new
         return out
 
 
-def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor, triton: bool) -> None:
-    """Decompress store rows into ``out`` (the Triton kernel where it runs, else :func:`mustafar.format.expand`)."""
+def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor, triton: bool,
+                 scales: torch.Tensor | None = None) -> None:
+    """Decompress store rows into ``out`` (the Triton kernel where it runs, else :func:`mustafar.format.expand_store`;
+    FP8 kept values, with their ``scales [rows, h, stored]``, always the latter)."""
     if out.shape[2] == 0:
         return
-    if triton:
+    if triton and scales is None:
         from ..launch.expand import expand_triton
 
         expand_triton(values, bitmaps, out)
         return
-    out.copy_(expand(values, bitmaps, out.shape[3]))
+    out.copy_(expand_store(values, bitmaps, out.shape[3], scales))

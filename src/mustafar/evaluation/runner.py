@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
-from ..generation import eos_ids, fill_cache, greedy_decode, kv_nbytes, make_cache, prefill
+from ..generation import eos_ids, fill_cache, greedy_decode, kv_bytes, make_cache, prefill
 from .config import TASKS, EvalConfig
 from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
 from .longbench import LONGBENCH_TASKS
@@ -43,11 +43,14 @@ _RULER_MIN_WORDS = 100
 
 
 def run_configs(config: EvalConfig) -> list[SparsityConfig]:
-    """The caches to run: ``dense`` once (if asked), then every method x every sparse setting."""
+    """The caches to run: ``dense`` once (if asked), then every method x every sparse setting.
+
+    FP8 settings (``-fp8``) run with the ``per-token`` method only (the only rule the format stores).
+    """
     dense = [s for s in config.settings if s.is_dense][:1]
     sparse = [s for s in config.settings if not s.is_dense]
-    return dense + [SparsityConfig(s.key_sparsity, s.value_sparsity, s.window, s.chunk, method)
-                    for method in config.methods for s in sparse]
+    return dense + [SparsityConfig(s.key_sparsity, s.value_sparsity, s.window, s.chunk, method, s.kept_dtype)
+                    for method in config.methods for s in sparse if not s.fp8 or method == "per-token"]
 
 
 def method_label(setting: SparsityConfig) -> str:
@@ -64,10 +67,6 @@ def make_eval_cache(setting: SparsityConfig, queries: dict | None = None):
 
 def _needs_queries(setting: SparsityConfig) -> bool:
     return setting.method in ("output-aware", "think") and not setting.is_dense
-
-
-def _kv_bytes(cache) -> tuple[int, int]:
-    return (cache.nbytes, cache.dense_nbytes) if isinstance(cache, SimulatedCache) else kv_nbytes(cache)
 
 
 def _key(task: str, setting: SparsityConfig, length: int, index: int, seed: int):
@@ -98,7 +97,8 @@ def _run_job(model, tokenizer, job: Job, config: EvalConfig, store: ResultStore,
         tokens = greedy_decode(model, cache, logits, job.max_new_tokens, eos,
                                stop=lambda t: job.done(tokenizer.decode(t, skip_special_tokens=True)))
         output = tokenizer.decode(tokens, skip_special_tokens=True)
-        held, dense = _kv_bytes(cache)
+        kv = kv_bytes(cache)
+        held, dense = kv.held, kv.dense
         score = job.score(output)
         store.append(SampleResult(
             setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], held, dense,
@@ -124,7 +124,8 @@ def _perplexity(model, token_ids, config: EvalConfig, length: int, store: Result
             start = time.perf_counter()
             cache = fill_cache(make_eval_cache(setting, queries), source)
             result = score_continuation(model, cache, logits, continuation, config.ppl_chunk)
-            held, dense = _kv_bytes(cache)
+            kv = kv_bytes(cache)
+            held, dense = kv.held, kv.dense
             store.append(SampleResult(
                 setting.name, "ppl", length, index, length, held, dense, time.perf_counter() - start,
                 nll=result.nll, scored_tokens=result.tokens, extra={"prefill_s": prefill_s},
@@ -177,10 +178,12 @@ def prepare_text(config: EvalConfig, tokenizer) -> tuple[str | None, object]:
 
 
 def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
-             store: ResultStore | None = None) -> list[SampleResult]:
+             store: ResultStore | None = None, prepared: tuple | None = None) -> list[SampleResult]:
     """Run ``config`` on ``model``/``tokenizer`` (from :func:`mustafar.load_model`); one result per run.
 
     ``store``: where finished runs are appended and looked up (resume); default an in-memory store.
+    ``prepared``: :func:`prepare_text`'s result for ``config`` and this tokenizer when the caller already made it
+    (the text is then not read and tokenised again).
     Returns the results of ``config``'s runs (those found in ``store`` included), in run order.
 
     Raises:
@@ -190,7 +193,7 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
     store = store if store is not None else ResultStore(None)
-    text, token_ids = prepare_text(config, tokenizer)
+    text, token_ids = prepare_text(config, tokenizer) if prepared is None else prepared
     jobs = {(task, n): _jobs(tokenizer, config, task, n, text) for n in config.context_lengths
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:

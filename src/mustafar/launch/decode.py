@@ -8,6 +8,7 @@ import torch
 
 from ..format import BitmapKV, num_words
 from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
+from ..reference import masked_floor
 from .common import LOG2E, cdiv, choose_splits, interpreting, next_pow2, on_device
 
 #: Tokens per inner step of a program.
@@ -26,13 +27,27 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _kept_args(values: torch.Tensor, store: BitmapKV):
+    """``(values, (scales, strides...))``: FP8 values as their uint8 bits and the store's scales, else dummies."""
+    if not store.is_fp8:
+        return values, (values, 0, 0, 0)
+    scales = store.scales
+    return values.view(torch.uint8), (scales, *scales.stride())
+
+
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
+    """``(mask, strides, mode, floor)``: mode 0 none, 1 bool, 2 additive; ``floor``: see :func:`masked_floor`."""
     if mask is None:
-        return None, (0, 0, 0), 0
+        return None, (0, 0, 0), 0, 0.0
     mask = mask.expand(shape)
     if mask.stride(-1) != 1:
         mask = mask.contiguous()
-    return mask, _strides(mask), 1 if mask.dtype == torch.bool else 2
+    if mask.dtype == torch.bool:
+        return mask, _strides(mask), 1, 0.0
+    floor = masked_floor(mask.dtype)
+    if floor < torch.finfo(torch.float32).min:  # a float64 mask: its masked entries load as -inf in fp32
+        floor = -math.inf
+    return mask, _strides(mask), 2, floor
 
 
 def decode_attention_triton(
@@ -59,7 +74,10 @@ def decode_attention_triton(
     n_win = 0 if key_window is None else key_window.shape[2]
     rows = max(_MIN_DOT, next_pow2(group * lq))
     groups = max(_MIN_DOT, next_pow2(math.ceil(d / 4)))
-    splits = choose_splits(b * hkv, n_comp, query.device, PROGRAMS_PER_SM, BLOCK_N) if num_splits is None else min(num_splits, n_comp)
+    if num_splits is None:
+        splits = choose_splits(b * hkv, n_comp, query.device, PROGRAMS_PER_SM, BLOCK_N)
+    else:
+        splits = min(num_splits, n_comp)
     tokens_per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
     splits = cdiv(n_comp, tokens_per_split) if n_comp else 0
     parts = splits + (1 if n_win else 0)
@@ -68,9 +86,11 @@ def decode_attention_triton(
     l_part = torch.empty_like(m_part)
     kw = query if key_window is None else key_window
     vw = query if value_window is None else value_window
-    mask, mask_strides, mask_mode = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
+    mask, mask_strides, mask_mode, mask_floor = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
     kbits = key_bits.view(torch.int32)
     vbits = value_bits.view(torch.int32)
+    key_values, key_scales = _kept_args(key_values, key_cache)
+    value_values, value_scales = _kept_args(value_values, value_cache)
     with on_device(query):
         sparse_decode_kernel[(parts, b * hkv)](
             query, *_strides(query),
@@ -79,9 +99,13 @@ def decode_attention_triton(
             kw, *_strides(kw), vw, *_strides(vw),
             query if mask is None else mask, *mask_strides,
             partial, m_part, l_part,
-            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E,
+            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E, mask_floor,
             D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+            KS=key_scales[0], stride_ksb=key_scales[1], stride_ksh=key_scales[2], stride_kst=key_scales[3],
+            VS=value_scales[0], stride_vsb=value_scales[1], stride_vsh=value_scales[2], stride_vst=value_scales[3],
+            K_FP8=key_cache.is_fp8, V_FP8=value_cache.is_fp8,
+            LIMIT=torch.finfo(query.dtype).max if key_cache.is_fp8 or value_cache.is_fp8 else 0.0,
             num_warps=4,
         )
         out = torch.empty_like(query)
