@@ -71,8 +71,25 @@ def load_variant(name: str, csrc: str, flags: list[str], verbose: bool = False):
                 extra_include_paths=[csrc])
 
 
+class _OldBinding:
+    """A build from before per-K/V row sizes (commit 7839734 and older): its occupancy takes one k_keep."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def occupancy(self, bf16, head_dim, rows, masked, k_keep, v_keep):
+        return self._ext.occupancy(bf16, head_dim, rows, masked, max(k_keep, v_keep))
+
+
 def use_variant(ext) -> None:
-    """Make the ops layer's CUDA backend run ``ext``."""
+    """Make the ops layer's CUDA backend run ``ext`` (K and V of one sparsity: old builds stage one row size)."""
+    try:
+        ext.occupancy(False, 128, 4, False, 39, 39)
+    except TypeError:
+        ext = _OldBinding(ext)
     cuda_launch.load_extension = lambda: ext
     cuda_launch.ctas_per_sm.cache_clear()
 

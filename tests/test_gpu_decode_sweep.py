@@ -64,3 +64,25 @@ def test_awkward_token_counts(tokens, batch):
     out = sparse_decode_attention(*case, backend="cuda")
     ref = sparse_decode_attention(*case, backend="torch")
     assert _rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("key_sparsity,value_sparsity", [(0.5, 0.7), (0.7, 0.3), (0.0, 0.5), (0.9, 0.0)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_key_and_value_sparsities_differ(key_sparsity, value_sparsity, head_dim, q_len, masked):
+    """K and V stores keeping different counts (per-K/V sparsity): the kernel stages each with its own row size."""
+    gen = torch.Generator(device="cuda").manual_seed(int(100 * key_sparsity + 10 * value_sparsity) + q_len)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float16)  # noqa: E731
+    query = rand(3, 8, q_len, head_dim)
+    keys = compress(rand(3, 2, 333, head_dim), key_sparsity)
+    values = compress(rand(3, 2, 333, head_dim), value_sparsity)
+    kw, vw = rand(3, 2, 21, head_dim), rand(3, 2, 21, head_dim)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 1, q_len, 354, device="cuda", generator=gen) > 0.3
+        mask[..., -1] = True
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend="cuda", attention_mask=mask)
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch", attention_mask=mask)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < TOL[torch.float16]

@@ -48,6 +48,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
   p.group = heads / kv_heads;
   p.q_len = q.size(2);
   p.k_keep = kv.size(3);
+  p.v_keep = vv.size(3);
   p.n_comp = n_comp;
   p.n_win = has_window ? kw.size(2) : 0;
   p.tokens_per_split = tokens_per_split;
@@ -90,8 +91,8 @@ void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitm
   check(mustafar_compress_launch(&p, bf16, x.size(3), stream), "compress kernel");
 }
 
-int64_t occupancy(bool bf16, int64_t head_dim, int64_t rows, bool masked, int64_t k_keep) {
-  return mustafar_decode_occupancy(bf16, head_dim, rows, masked, k_keep);
+int64_t occupancy(bool bf16, int64_t head_dim, int64_t rows, bool masked, int64_t k_keep, int64_t v_keep) {
+  return mustafar_decode_occupancy(bf16, head_dim, rows, masked, k_keep, v_keep);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -132,14 +132,16 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
   for (int off = lane * 16; off < bytes; off += 32 * 16) cp_async16(dst + off, src + off);
 }
 
-// Shared memory of one warp stage: K values, V values, K bitmaps, V bitmaps, K and V row prefix counts.
+// Shared memory of one warp stage: K values, V values (K and V may keep different counts: per-K/V sparsity),
+// K bitmaps, V bitmaps, K and V row prefix counts.
 template <int D>
 struct Stage {
   static constexpr int kWords = D / 32;
   static constexpr int kBitsBytes = kTile * kWords * 4;
   static constexpr int kPrefixBytes = kTile * 4;
-  int vals_bytes;  // 16 tokens * k_keep * 2 bytes
-  __host__ __device__ int size() const { return 2 * vals_bytes + 2 * kBitsBytes + 2 * kPrefixBytes; }
+  int k_bytes, v_bytes;  // 16 tokens * k_keep * 2 and 16 tokens * v_keep * 2 bytes (multiples of 16)
+  __host__ __device__ Stage(int k_keep, int v_keep) : k_bytes(kTile * k_keep * 2), v_bytes(kTile * v_keep * 2) {}
+  __host__ __device__ int size() const { return k_bytes + v_bytes + 2 * kBitsBytes + 2 * kPrefixBytes; }
 };
 
 // The packed exclusive prefix counts of a row's bitmap words: byte j = set bits in words 0..j-1.
@@ -403,13 +405,12 @@ template <int D>
 __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, const char* kv, const char* vv,
                                            const char* kb, const char* vb, int tile, int lane) {
   constexpr int kBits = Stage<D>::kBitsBytes;
-  const long long val_off = (long long)tile * (stage.vals_bytes / kTile);
   const long long bit_off = (long long)tile * (kBits / kTile);
-  stage_copy(st, kv + val_off, stage.vals_bytes, lane);
-  stage_copy(st + stage.vals_bytes, vv + val_off, stage.vals_bytes, lane);
+  stage_copy(st, kv + (long long)tile * (stage.k_bytes / kTile), stage.k_bytes, lane);
+  stage_copy(st + stage.k_bytes, vv + (long long)tile * (stage.v_bytes / kTile), stage.v_bytes, lane);
   if (lane < kBits / 16) {
-    cp_async16(st + 2 * stage.vals_bytes + lane * 16, kb + bit_off + lane * 16);
-    cp_async16(st + 2 * stage.vals_bytes + kBits + lane * 16, vb + bit_off + lane * 16);
+    cp_async16(st + stage.k_bytes + stage.v_bytes + lane * 16, kb + bit_off + lane * 16);
+    cp_async16(st + stage.k_bytes + stage.v_bytes + kBits + lane * 16, vb + bit_off + lane * 16);
   }
   cp_async_commit();
 }
@@ -423,8 +424,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
   const int warp = threadIdx.x >> 5;
   Dec dec(p, b, h);
-  const int k_keep = p.k_keep;
-  const Stage<D> stage{kTile * k_keep * 2};
+  const Stage<D> stage(p.k_keep, p.v_keep);
   char* my_stages = smem + warp * kStages * stage.size();
 
   if (split < p.n_splits) {
@@ -456,19 +456,19 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       __syncwarp();
       char* st = my_stages + (it % kStages) * stage.size();
       const uint16_t* kvals = reinterpret_cast<const uint16_t*>(st);
-      const uint16_t* vvals = reinterpret_cast<const uint16_t*>(st + stage.vals_bytes);
-      const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + 2 * stage.vals_bytes);
+      const uint16_t* vvals = reinterpret_cast<const uint16_t*>(st + stage.k_bytes);
+      const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + stage.k_bytes + stage.v_bytes);
       const uint32_t* vbits = kbits + kTile * Stage<D>::kWords;
-      uint32_t* prefix = reinterpret_cast<uint32_t*>(st + 2 * stage.vals_bytes + 2 * kBits);
+      uint32_t* prefix = reinterpret_cast<uint32_t*>(st + stage.k_bytes + stage.v_bytes + 2 * kBits);
       // Lanes 0-15 count the K rows' words, lanes 16-31 the V rows'.
       prefix[dec.lane] = prefix_bytes<Stage<D>::kWords>(kbits + dec.lane * Stage<D>::kWords);
       __syncwarp();
       const int valid = min(kTile, hi - tile);
       float s[NT][4];
       uint32_t pb[NT][2];
-      dec.scores_sparse(s, kvals, kbits, prefix, valid, k_keep);
+      dec.scores_sparse(s, kvals, kbits, prefix, valid, p.k_keep);
       dec.softmax(s, tile, valid, pb);
-      dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, k_keep);
+      dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, p.v_keep);
       __syncwarp();
     }
   } else {
@@ -581,7 +581,7 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
 
 template <typename T, int D, bool MASKED, int NT>
 cudaError_t launch_variant(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
-  const Stage<D> stage{kTile * p.k_keep * 2};
+  const Stage<D> stage(p.k_keep, p.v_keep);
   const int stage_smem = kWarps * kStages * stage.size();
   const int merge_smem = kWarps * kRows * (D + 2) * 4;
   const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;
@@ -621,12 +621,13 @@ extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int
 }
 
 // CTAs of the decode kernel that fit on one multiprocessor at once (for the split heuristic), or -1.
-extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep) {
+extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep,
+                                         int v_keep) {
   int blocks = -1;
   const int nt = rows <= 8 ? 1 : 2;
   auto query = [&](auto kernel, int d) {
-    const Stage<128> s128{kTile * k_keep * 2};
-    const Stage<64> s64{kTile * k_keep * 2};
+    const Stage<128> s128(k_keep, v_keep);
+    const Stage<64> s64(k_keep, v_keep);
     const int stage_smem = kWarps * kStages * (d == 128 ? s128.size() : s64.size());
     const int merge_smem = kWarps * kRows * (d + 2) * 4;
     const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;

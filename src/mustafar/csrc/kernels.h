@@ -23,7 +23,7 @@ struct DecodeParams {
   float* part_o;
   float* part_m;
   float* part_l;
-  int kv_heads, group, q_len, k_keep, n_comp, n_win, tokens_per_split, n_splits;
+  int kv_heads, group, q_len, k_keep, v_keep, n_comp, n_win, tokens_per_split, n_splits;  // k_keep: K rows, v_keep: V rows
   float scale_log2e;
   // Static (graph-captured) decode: when set, tokens held = *length (device), n_comp = max(0, *length - window)
   // (at most the n_comp given: the store's capacity) and n_win = min(*length, window) replace n_comp / n_win
@@ -52,7 +52,8 @@ extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16,
 
 extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int head_dim, int parts, int batch_heads,
                                       void* stream);
-extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep);
+extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep,
+                                         int v_keep);
 extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, const float* part_l, void* out,
                                      int dtype_bf16, long long o_sb, long long o_sh, long long o_sl, int kv_heads,
                                      int group, int q_len, int parts, int head_dim, int batch_heads, void* stream);

@@ -11,11 +11,11 @@ import triton
 import triton.language as tl
 
 #: e4m3's largest finite value.
-E4M3_MAX: tl.constexpr = 448.0
+E4M3_MAX = tl.constexpr(448.0)
 #: fp32 bits of 2**-6, e4m3's smallest normal; below it e4m3 steps by 2**-9.
-_MIN_NORMAL_BITS: tl.constexpr = 0x3C800000
+_MIN_NORMAL_BITS = tl.constexpr(0x3C800000)
 #: Exponent bias difference (127 - 7) in the position of e4m3's exponent field (<< 3).
-_REBIAS: tl.constexpr = 960
+_REBIAS = tl.constexpr(960)
 
 
 @triton.jit

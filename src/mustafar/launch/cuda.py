@@ -74,9 +74,9 @@ def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window
 
 
 @functools.lru_cache(maxsize=None)
-def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int) -> int:
-    """Decode CTAs that fit on one multiprocessor at once (CUDA occupancy API)."""
-    return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep))
+def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int, v_keep: int) -> int:
+    """Decode CTAs that fit on one multiprocessor at once (CUDA occupancy API); K and V keep k_keep / v_keep."""
+    return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep, v_keep))
 
 
 
@@ -104,7 +104,8 @@ def decode_attention_cuda(
     n_comp = key_cache.capacity if length is not None else key_cache.tokens
     if num_splits is None:
         rows = hq // hkv * lq
-        per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep)
+        per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep,
+                             value_cache.k_keep)
         splits = choose_splits(b * hkv, n_comp, query.device, per_sm, CTA_TOKENS, whole_wave=True)
     else:
         splits = min(num_splits, n_comp)
