@@ -25,7 +25,8 @@ from contextlib import nullcontext
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
-from ..generation import eos_ids, fill_cache, greedy_decode, kv_nbytes, make_cache, prefill
+from ..generation import eos_ids, fill_cache, kv_nbytes, make_cache, prefill
+from .batched import auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad, length_batches
 from .config import TASKS, EvalConfig
 from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
 from .longbench import LONGBENCH_TASKS
@@ -55,11 +56,14 @@ def method_label(setting: SparsityConfig) -> str:
     return "dense" if setting.is_dense else setting.method
 
 
-def make_eval_cache(setting: SparsityConfig, queries: dict | None = None):
-    """``DynamicCache`` (dense), ``MustafarCache`` (per-token) or ``SimulatedCache`` (other methods)."""
+def make_eval_cache(setting: SparsityConfig, queries: dict | None = None, pads: list[int] | None = None):
+    """``DynamicCache`` (dense), ``MustafarCache`` (per-token) or ``SimulatedCache`` (other methods).
+
+    ``pads``: left padding per batch row (a ``MustafarCache`` reads it from the prefill mask instead).
+    """
     if setting.is_dense or setting.method == "per-token":
         return make_cache(setting)
-    return SimulatedCache(setting, queries)
+    return SimulatedCache(setting, queries, pads)
 
 
 def _needs_queries(setting: SparsityConfig) -> bool:
@@ -83,31 +87,64 @@ def _prefill(model, input_ids, todo: list[SparsityConfig]):
     return source, logits, queries, time.perf_counter() - start
 
 
-def _run_job(model, tokenizer, job: Job, config: EvalConfig, store: ResultStore, bar) -> None:
+def _pad_id(model, tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.generation_config.pad_token_id
+    return pad if pad is not None else min(eos_ids(model, tokenizer), default=0)
+
+
+def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: ResultStore, bar) -> None:
+    """Prefill ``jobs`` once as one left-padded batch; decode it under every (method, setting) not yet stored."""
     runs = run_configs(config)
-    todo = [s for s in runs if _key(job.task, s, job.context_length, job.index, config.seed) not in store]
-    bar.update(len(runs) - len(todo))
+    keys = {id(job): {s: _key(job.task, s, job.context_length, job.index, config.seed) for s in runs} for job in jobs}
+    todo = [s for s in runs if any(keys[id(job)][s] not in store for job in jobs)]
+    bar.update(sum(key in store for job in jobs for key in keys[id(job)].values()))
     if not todo:
         return
-    source, logits, queries, prefill_s = _prefill(model, job.input_ids, todo)
+    batch = left_pad([job.input_ids for job in jobs], _pad_id(model, tokenizer))
+    start = time.perf_counter()
+    observing = any(_needs_queries(s) for s in todo)
+    with observe_queries(model, max(1, todo[0].window)) if observing else nullcontext({}) as queries:
+        source, logits = batched_prefill(model, batch)
+    prefill_s = (time.perf_counter() - start) / len(jobs)
     eos = eos_ids(model, tokenizer)
+    stops = [lambda t, job=job: job.done(tokenizer.decode(t, skip_special_tokens=True)) for job in jobs]
     for setting in todo:
-        bar.set_postfix_str(f"{job.task} {job.context_length} #{job.index} {method_label(setting)} {setting.name}")
+        bar.set_postfix_str(f"{jobs[0].task} {jobs[0].context_length} x{len(jobs)} {method_label(setting)} "
+                            f"{setting.name}")
         start = time.perf_counter()
-        cache = fill_cache(make_eval_cache(setting, queries), source)
-        tokens = greedy_decode(model, cache, logits, job.max_new_tokens, eos,
-                               stop=lambda t: job.done(tokenizer.decode(t, skip_special_tokens=True)))
-        output = tokenizer.decode(tokens, skip_special_tokens=True)
+        cache = fill_batch(make_eval_cache(setting, queries, batch.pads), source, batch)
+        outputs = batched_greedy(model, cache, logits, batch, [job.max_new_tokens for job in jobs], eos, stops)
+        seconds = (time.perf_counter() - start) / len(jobs)
         held, dense = _kv_bytes(cache)
-        score = job.score(output)
-        store.append(SampleResult(
-            setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], held, dense,
-            time.perf_counter() - start, job.depth, job.references[0], output,
-            bool(score == 1.0) if job.suite != "longbench" else None,
-            extra={"prefill_s": prefill_s, "new_tokens": len(tokens), **job.meta}, method=method_label(setting),
-            simulated=isinstance(cache, SimulatedCache), seed=config.seed, score=score, suite=job.suite,
-            references=list(job.references)))
-        bar.update()
+        for row, (job, tokens) in enumerate(zip(jobs, outputs)):
+            if keys[id(job)][setting] in store:
+                continue
+            _store_sample(store, job, setting, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens),
+                          _row_bytes(held, dense, batch, row), seconds, prefill_s, config.seed,
+                          isinstance(cache, SimulatedCache))
+            bar.update()
+
+
+def _row_bytes(held: int, dense: int, batch, row: int) -> tuple[int, int]:
+    """A row's share of a batch's KV bytes: an unpadded batch splits evenly (each row is held alike).
+
+    A padded batch holds its padding too: the row's share is scaled to its real tokens
+    (``held * real / all``), the bytes that prompt alone would hold up to the store's rounding.
+    """
+    n = batch.input_ids.shape[1]
+    total = sum(n - p for p in batch.pads) if batch.padded else n * batch.rows
+    real = n - batch.pads[row]
+    return round(held * real / total), round(dense * real / total)
+
+
+def _store_sample(store, job: Job, setting: SparsityConfig, output: str, new_tokens: int, nbytes: tuple[int, int],
+                  seconds: float, prefill_s: float, seed: int, simulated: bool) -> None:
+    score = job.score(output)
+    store.append(SampleResult(
+        setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], nbytes[0], nbytes[1],
+        seconds, job.depth, job.references[0], output, bool(score == 1.0) if job.suite != "longbench" else None,
+        extra={"prefill_s": prefill_s, "new_tokens": new_tokens, **job.meta}, method=method_label(setting),
+        simulated=simulated, seed=seed, score=score, suite=job.suite, references=list(job.references)))
 
 
 def _perplexity(model, token_ids, config: EvalConfig, length: int, store: ResultStore, bar) -> None:
@@ -199,8 +236,11 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
                 if task == "ppl":
                     _perplexity(model, token_ids, config, length, store, bar)
                     continue
-                for job in jobs[task, length]:
-                    _run_job(model, tokenizer, job, config, store, bar)
+                todo = jobs[task, length]
+                size = config.batch_size or auto_batch_size(model, max((j.input_ids.shape[1] for j in todo),
+                                                                      default=length))
+                for group in length_batches([job.input_ids.shape[1] for job in todo], size):
+                    _run_batch(model, tokenizer, [todo[i] for i in group], config, store, bar)
     return _collect(config, store, jobs, token_ids)
 
 

@@ -1,0 +1,196 @@
+"""Batched prefill and greedy decoding for the evaluation: left-padded prompts, one row per sample.
+
+Prompts of one task and context length are grouped by length (:func:`length_batches`),
+left-padded to the longest (:func:`left_pad`) and prefilled once, densely, into a
+``DynamicCache`` (:func:`batched_prefill`: only the last position's logits are computed).
+Each (method, setting) cache is then filled from it (:func:`fill_batch`) and every row is
+decoded greedily (:func:`batched_greedy`) until its own end-of-sequence token, stop rule or
+token budget; rows that are done are fed their last token until the whole batch is done
+(their outputs are no longer read). Rows never see each other: attention is per row, a
+:class:`~mustafar.MustafarCache` reads each row's left padding from the prefill mask and
+prunes it as that prompt alone (see :mod:`mustafar.cache_layer`), and
+:class:`~.simulate.SimulatedCache` takes the padding per row. So batch size N gives each
+sample what batch size 1 gives it (the tests compare the per-sample outputs).
+
+Without padding (batch size 1, or prompts of equal length) no attention mask and no
+position ids are passed: the model's default causal path runs, as before batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from ..cache import MustafarCache
+from ..generation import cache_kwargs
+
+__all__ = ["PaddedBatch", "left_pad", "length_batches", "batched_prefill", "fill_batch", "batched_greedy",
+           "auto_batch_size", "MAX_AUTO_BATCH"]
+
+#: Most rows :func:`auto_batch_size` proposes (beyond it the decode step's Python overhead no longer shrinks).
+MAX_AUTO_BATCH = 64
+#: Fraction of the free device memory :func:`auto_batch_size` plans to use.
+_MEMORY_FRACTION = 0.5
+#: Copies of a token's K and V alive at once per row: the prefill's source, the filled cache, a concatenation.
+_KV_COPIES = 4
+#: Activation tensors of ``intermediate_size`` per token alive at once in a prefill MLP (gate, up, product).
+_MLP_COPIES = 3
+
+
+class PaddedBatch:
+    """Left-padded prompts: ``input_ids [batch, n]`` int64, ``pads`` (padding tokens per row).
+
+    ``attention_mask`` ``[batch, n]`` int64 (1 = real token) and ``position_ids`` ``[batch, n]``
+    (0 at each row's first real token) are ``None`` when no row is padded.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, pads: list[int]):
+        self.input_ids, self.pads = input_ids, pads
+        self.padded = any(pads)
+        n = input_ids.shape[1]
+        if self.padded:
+            positions = torch.arange(n).expand(len(pads), n) - torch.tensor(pads).unsqueeze(1)
+            self.attention_mask = (positions >= 0).long()
+            self.position_ids = positions.clamp(min=0)
+        else:
+            self.attention_mask = self.position_ids = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.pads)
+
+
+def left_pad(prompts: Sequence[torch.Tensor], pad_token_id: int) -> PaddedBatch:
+    """Stack ``prompts`` (each ``[1, n_i]`` int64) left-padded with ``pad_token_id`` into a :class:`PaddedBatch`.
+
+    Raises:
+        ValueError: no prompt, or a prompt that is not a non-empty ``[1, n]`` tensor.
+    """
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    for ids in prompts:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"prompts must be [1, n] tensors with n >= 1, got {getattr(ids, 'shape', ids)}")
+    longest = max(ids.shape[1] for ids in prompts)
+    pads = [longest - ids.shape[1] for ids in prompts]
+    rows = [torch.cat([torch.full((1, p), pad_token_id, dtype=ids.dtype), ids], dim=1) for ids, p in zip(prompts, pads)]
+    return PaddedBatch(torch.cat(rows), pads)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped by length (shortest first), at most ``batch_size`` per group.
+
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _forward(model, input_ids, cache: Cache, attention_mask, position_ids) -> torch.Tensor:
+    """Last-position logits ``[batch, vocab]`` fp32 of ``input_ids`` after the tokens in ``cache``."""
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask.to(model.device),
+                                               "position_ids": position_ids.to(model.device)}
+    out = model(input_ids=input_ids.to(model.device), use_cache=True, logits_to_keep=1, **extra,
+                **cache_kwargs(model, cache))
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def batched_prefill(model, batch: PaddedBatch) -> tuple[DynamicCache, torch.Tensor]:
+    """Dense prefill of ``batch``: ``(DynamicCache of its tokens, next-token logits [batch, vocab] fp32)``."""
+    cache = DynamicCache()
+    return cache, _forward(model, batch.input_ids, cache, batch.attention_mask, batch.position_ids)
+
+
+def fill_batch(cache: Cache, source: DynamicCache, batch: PaddedBatch) -> Cache:
+    """Feed ``source``'s keys and values into the empty ``cache`` (each row's padding told); return ``cache``.
+
+    A ``MustafarCache`` layer learns each row's left padding from a mask as its prefill
+    would (a view of the padding as the mask's diagonal, nothing allocated), then prunes
+    and compresses; other caches go through ``Cache.update`` (a ``SimulatedCache`` is
+    built with the batch's ``pads``).
+
+    Raises:
+        ValueError: ``source`` not a prefilled ``DynamicCache``, or ``cache`` not empty.
+    """
+    if not isinstance(source, DynamicCache) or not source.layers:
+        raise ValueError(f"source must be a prefilled DynamicCache, got {source!r:.80}")
+    if cache.get_seq_length() != 0:
+        raise ValueError(f"cache must be empty, got one holding {cache.get_seq_length()} tokens")
+    mask = None
+    if batch.attention_mask is not None:
+        n = batch.attention_mask.shape[1]
+        mask = batch.attention_mask.bool()[:, None, :, None].expand(batch.rows, 1, n, n)
+    for layer_idx, layer in enumerate(source.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), layer_idx)
+        if isinstance(cache, MustafarCache):
+            cache.layers[layer_idx].consume(attention_mask=None if mask is None else mask.to(layer.keys.device))
+    return cache
+
+
+@torch.inference_mode()
+def batched_greedy(model, cache: Cache, logits: torch.Tensor, batch: PaddedBatch, max_new_tokens: Sequence[int],
+                   eos_token_ids: set[int] = frozenset(),
+                   stops: Sequence[Callable[[list[int]], bool] | None] | None = None) -> list[list[int]]:
+    """Greedy tokens per row after a prefill whose next-token ``logits [batch, vocab]`` are given.
+
+    Row ``r`` stops after ``max_new_tokens[r]`` tokens, at a token in ``eos_token_ids`` (not
+    returned) or when ``stops[r](tokens_so_far)`` is true: the rule of
+    :func:`mustafar.generation.greedy_decode`, per row.
+
+    Raises:
+        ValueError: ``max_new_tokens`` (or ``stops``) not one entry per row, or an entry < 1.
+    """
+    rows = batch.rows
+    stops = list(stops) if stops is not None else [None] * rows
+    if len(max_new_tokens) != rows or len(stops) != rows:
+        raise ValueError(f"max_new_tokens and stops must hold one entry per row ({rows}), got "
+                         f"{len(max_new_tokens)} and {len(stops)}")
+    if min(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 per row, got {list(max_new_tokens)}")
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    active = [True] * rows
+    mask, positions = batch.attention_mask, batch.position_ids
+    for step in range(max(max_new_tokens)):
+        chosen = logits.argmax(dim=-1).tolist()
+        for r in range(rows):
+            if not active[r]:
+                continue
+            if chosen[r] in eos_token_ids:
+                active[r] = False
+                continue
+            tokens[r].append(chosen[r])
+            if (stops[r] is not None and stops[r](tokens[r])) or len(tokens[r]) == max_new_tokens[r]:
+                active[r] = False
+        if not any(active):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        logits = _forward(model, torch.tensor(chosen).unsqueeze(1), cache, mask, positions)
+    return tokens
+
+
+def auto_batch_size(model, tokens: int) -> int:
+    """Rows per batch that fill about half the free memory of ``model``'s CUDA device; 1 on other devices.
+
+    Per row and token: ``_KV_COPIES`` copies of all layers' K and V, plus the prefill MLP's
+    activations; at most :data:`MAX_AUTO_BATCH`.
+    """
+    device = model.device
+    if device.type != "cuda":
+        return 1
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    size = model.dtype.itemsize
+    per_token = (_KV_COPIES * 2 * cfg.num_hidden_layers * kv_heads * head_dim * size
+                 + _MLP_COPIES * cfg.intermediate_size * size + cfg.hidden_size * size)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_AUTO_BATCH, int(_MEMORY_FRACTION * free // (per_token * max(1, tokens)))))
