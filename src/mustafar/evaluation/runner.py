@@ -125,6 +125,15 @@ def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: Res
             bar.update()
 
 
+def _run_length(model, tokenizer, todo: list[Job], config: EvalConfig, store: ResultStore, bar) -> None:
+    """Every job of one context length, all tasks together, in batches of similar prompt lengths."""
+    if not todo:
+        return
+    size = config.batch_size or auto_batch_size(model, max(job.input_ids.shape[1] for job in todo))
+    for group in length_batches([job.input_ids.shape[1] for job in todo], size):
+        _run_batch(model, tokenizer, [todo[i] for i in group], config, store, bar)
+
+
 def _row_bytes(held: int, dense: int, batch, row: int) -> tuple[int, int]:
     """A row's share of a batch's KV bytes: an unpadded batch splits evenly (each row is held alike).
 
@@ -232,15 +241,10 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:
         for length in config.context_lengths:
-            for task in config.tasks:
-                if task == "ppl":
-                    _perplexity(model, token_ids, config, length, store, bar)
-                    continue
-                todo = jobs[task, length]
-                size = config.batch_size or auto_batch_size(model, max((j.input_ids.shape[1] for j in todo),
-                                                                      default=length))
-                for group in length_batches([job.input_ids.shape[1] for job in todo], size):
-                    _run_batch(model, tokenizer, [todo[i] for i in group], config, store, bar)
+            if "ppl" in config.tasks:
+                _perplexity(model, token_ids, config, length, store, bar)
+            _run_length(model, tokenizer, [j for t in config.tasks if t != "ppl" for j in jobs[t, length]], config,
+                        store, bar)
     return _collect(config, store, jobs, token_ids)
 
 
