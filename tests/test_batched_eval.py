@@ -13,7 +13,6 @@ from mustafar.evaluation import EvalConfig, ResultStore, run_eval
 from mustafar.evaluation.batched import (auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad,
                                          length_batches)
 from mustafar.evaluation.runner import make_eval_cache
-from mustafar.evaluation.simulate import observe_queries
 
 WINDOW, CHUNK = 4, 8
 METHODS = ("per-token", "per-channel", "output-aware", "think")
@@ -28,8 +27,7 @@ def model():
 
 def _decode_alone(model, ids, setting, steps):
     batch = left_pad([ids], 0)
-    with observe_queries(model, WINDOW) as queries:
-        source, logits = batched_prefill(model, batch)
+    source, logits, queries = batched_prefill(model, batch, WINDOW)
     cache = fill_batch(make_eval_cache(setting, queries, batch.pads), source, batch)
     return batched_greedy(model, cache, logits, batch, [steps])[0]
 
@@ -43,8 +41,8 @@ def test_padded_rows_decode_as_their_prompt_alone(model, method, ks, vs):
     setting = SparsityConfig(ks, vs, WINDOW, CHUNK, method)
     batch = left_pad(prompts, 0)
     assert batch.pads == [13, 0, 21, 0] and batch.attention_mask[0, :13].eq(0).all()
-    with observe_queries(model, WINDOW) as queries:
-        source, logits = batched_prefill(model, batch)
+    source, logits, queries = batched_prefill(model, batch, WINDOW, rows_per_forward=3)
+    assert sorted(queries) == [0, 1] and queries[0].shape == (4, 4, WINDOW, 16)
     cache = fill_batch(make_eval_cache(setting, queries, batch.pads), source, batch)
     together = batched_greedy(model, cache, logits, batch, [steps] * 4)
     alone = [_decode_alone(model, ids, setting, steps) for ids in prompts]
@@ -55,7 +53,7 @@ def test_padded_rows_decode_as_their_prompt_alone(model, method, ks, vs):
 def test_rows_stop_on_their_own(model):
     prompts = [torch.randint(3, 250, (1, n)) for n in (20, 31)]
     batch = left_pad(prompts, 0)
-    source, logits = batched_prefill(model, batch)
+    source, logits, _ = batched_prefill(model, batch)
     cache = fill_batch(make_eval_cache(SparsityConfig(0.5, 0.5, WINDOW, CHUNK)), source, batch)
     out = batched_greedy(model, cache, logits, batch, [3, 9], stops=[None, lambda t: len(t) == 5])
     assert [len(t) for t in out] == [3, 5]
@@ -64,7 +62,8 @@ def test_rows_stop_on_their_own(model):
 
 
 def test_helpers_check_their_input():
-    assert length_batches([5, 3, 9, 3], 3) == [[1, 3, 0], [2]]
+    assert length_batches([5, 3, 9, 3], 3) == [[1, 3], [0, 2]]
+    assert [len(g) for g in length_batches(list(range(275)), 128)] == [92, 92, 91]
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         length_batches([1], 0)
     with pytest.raises(ValueError, match="prompts must be"):

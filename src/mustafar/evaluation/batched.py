@@ -19,19 +19,24 @@ position ids are passed: the model's default causal path runs, as before batchin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .._checks import check_positive_int
 from ..cache import MustafarCache
 from ..generation import cache_kwargs
+from .simulate import observe_queries
 
 __all__ = ["PaddedBatch", "left_pad", "length_batches", "batched_prefill", "fill_batch", "batched_greedy",
-           "auto_batch_size", "MAX_AUTO_BATCH"]
+           "auto_batch_size", "MAX_AUTO_BATCH", "PREFILL_ROWS"]
 
-#: Most rows :func:`auto_batch_size` proposes (beyond it the decode step's Python overhead no longer shrinks).
-MAX_AUTO_BATCH = 64
+#: Most rows :func:`auto_batch_size` proposes (decode steps are Python-bound for small models: rows are cheap).
+MAX_AUTO_BATCH = 128
+#: Rows per prefill forward (bounds the prefill's activations and attention mask; 8 x 8k tokens saturate a GPU).
+PREFILL_ROWS = 8
 #: Fraction of the free device memory :func:`auto_batch_size` plans to use.
 _MEMORY_FRACTION = 0.5
 #: Copies of a token's K and V alive at once per row: the prefill's source, the filled cache, a concatenation.
@@ -81,7 +86,9 @@ def left_pad(prompts: Sequence[torch.Tensor], pad_token_id: int) -> PaddedBatch:
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices into ``lengths`` grouped by length (shortest first), at most ``batch_size`` per group.
+    """Indices into ``lengths`` grouped by length (shortest first): the fewest groups of at most ``batch_size``.
+
+    The groups are balanced (sizes differ by at most one): 275 prompts at 128 make 92, 92, 91.
 
     Raises:
         ValueError: ``batch_size`` < 1.
@@ -89,7 +96,10 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = -(-len(order) // batch_size)
+    sizes = [len(order) // groups + (g < len(order) % groups) for g in range(groups)]
+    bounds = [sum(sizes[:g]) for g in range(groups + 1)]
+    return [order[bounds[g]:bounds[g + 1]] for g in range(groups)]
 
 
 def _forward(model, input_ids, cache: Cache, attention_mask, position_ids) -> torch.Tensor:
@@ -102,10 +112,33 @@ def _forward(model, input_ids, cache: Cache, attention_mask, position_ids) -> to
 
 
 @torch.inference_mode()
-def batched_prefill(model, batch: PaddedBatch) -> tuple[DynamicCache, torch.Tensor]:
-    """Dense prefill of ``batch``: ``(DynamicCache of its tokens, next-token logits [batch, vocab] fp32)``."""
-    cache = DynamicCache()
-    return cache, _forward(model, batch.input_ids, cache, batch.attention_mask, batch.position_ids)
+def batched_prefill(model, batch: PaddedBatch, observe_window: int | None = None,
+                    rows_per_forward: int = PREFILL_ROWS) -> tuple[DynamicCache, torch.Tensor, dict]:
+    """Dense prefill of ``batch``, ``rows_per_forward`` rows per forward (bounds the activations' memory).
+
+    Returns ``(DynamicCache of all rows' tokens, next-token logits [batch, vocab] fp32, queries)``;
+    ``queries``: with ``observe_window``, each layer's last ``observe_window`` post-RoPE queries
+    ``[batch, q_heads, window, head_dim]`` (:func:`~.simulate.observe_queries`), else ``{}``.
+    """
+    check_positive_int("rows_per_forward", rows_per_forward)
+    parts, logits, observed = [], [], []
+    for start in range(0, batch.rows, rows_per_forward):
+        rows = slice(start, start + rows_per_forward)
+        part = DynamicCache()
+        mask, positions = ((None, None) if batch.attention_mask is None
+                           else (batch.attention_mask[rows], batch.position_ids[rows]))
+        with observe_queries(model, observe_window) if observe_window else nullcontext({}) as queries:
+            logits.append(_forward(model, batch.input_ids[rows], part, mask, positions))
+        parts.append(part)
+        observed.append(queries)
+    if len(parts) == 1:
+        return parts[0], logits[0], observed[0]
+    source = DynamicCache()
+    for layer_idx in range(len(parts[0].layers)):
+        source.update(torch.cat([p.layers[layer_idx].keys for p in parts]),
+                      torch.cat([p.layers[layer_idx].values for p in parts]), layer_idx)
+    queries = {layer: torch.cat([q[layer] for q in observed]) for layer in observed[0]}
+    return source, torch.cat(logits), queries
 
 
 def fill_batch(cache: Cache, source: DynamicCache, batch: PaddedBatch) -> Cache:

@@ -103,8 +103,7 @@ def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: Res
     batch = left_pad([job.input_ids for job in jobs], _pad_id(model, tokenizer))
     start = time.perf_counter()
     observing = any(_needs_queries(s) for s in todo)
-    with observe_queries(model, max(1, todo[0].window)) if observing else nullcontext({}) as queries:
-        source, logits = batched_prefill(model, batch)
+    source, logits, queries = batched_prefill(model, batch, max(1, todo[0].window) if observing else None)
     prefill_s = (time.perf_counter() - start) / len(jobs)
     eos = eos_ids(model, tokenizer)
     stops = [lambda t, job=job: job.done(tokenizer.decode(t, skip_special_tokens=True)) for job in jobs]
