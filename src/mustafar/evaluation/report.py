@@ -4,7 +4,7 @@ One summary row per (method, setting, context length): the mean score per task
 (retrieval: fraction correct; RULER: ``string_match_all``; LongBench: the task's
 metric, all in [0, 1]) with its 95 % interval (``accuracy_ci``, :mod:`.stats`) and
 sample count (``task_samples``), the mean over the tasks of each suite with a
-stratified bootstrap interval (``suites_ci``), perplexity over all
+stratified interval (``suites_ci``), perplexity over all
 scored tokens, and the KV memory held by the cache (mean bytes per run, all
 layers) with its ratio to the dense bytes of the same tokens (sum held / sum
 dense). Rows of simulated methods (:mod:`.simulate`) are marked: they prune but
@@ -26,7 +26,7 @@ from rich.table import Table
 from .config import EvalConfig, suite_of
 from .results import SampleResult
 from .runner import method_label, run_configs
-from .stats import bootstrap_interval, mean_interval
+from .stats import mean_interval, stratified_interval
 
 __all__ = ["summarize", "table", "tables", "write_json", "versions", "SHORT_NAMES"]
 
@@ -68,7 +68,7 @@ def _row(setting, length: int, runs: list[SampleResult], tasks) -> dict:
         "value_sparsity": setting.value_sparsity, "context_length": length,
         "simulated": any(r.simulated for r in runs), "accuracy": accuracy, "accuracy_ci": interval,
         "task_samples": counts, "suites": {s: sum(v) / len(v) for s, v in suites.items()},
-        "suites_ci": {s: list(bootstrap_interval(groups)) for s, groups in suite_tasks.items()},
+        "suites_ci": {s: list(stratified_interval(groups)) for s, groups in suite_tasks.items()},
         "perplexity": math.exp(nll / count) if count else None, "samples": len(runs),
         "kv_bytes": held / len(runs), "dense_bytes": dense / len(runs), "ratio": held / dense,
     }

@@ -1,15 +1,19 @@
-"""95 % confidence intervals of evaluation scores: Wilson for 0/1 outcomes, a percentile bootstrap otherwise.
+"""95 % confidence intervals of evaluation scores (scores in [0, 1], one per sample).
 
 - :func:`wilson_interval`: the Wilson score interval of a binomial proportion
   (Wilson, JASA 1927; recommended over the normal approximation by Brown, Cai and
-  DasGupta, Statistical Science 2001), exact-free and well behaved at 0 and n.
-- :func:`bootstrap_interval`: percentile bootstrap of the mean of scores in [0, 1]
-  (RULER's ``string_match_all`` gives partial credit), optionally stratified (one
-  resample per task, the mean of the task means: the suite average) and paired
-  (the difference of two methods on the same samples).
-- :func:`mean_interval`: Wilson when every score is 0 or 1, else the bootstrap.
-
-Seeded (:data:`SEED`): the same scores give the same interval.
+  DasGupta, Statistical Science 2001), well behaved at 0 and n. :func:`mean_interval`
+  applies it to ``sum(scores)`` out of ``n``: exact Wilson for 0/1 scores, and
+  conservative for partial credit (RULER's ``string_match_all``), whose variance is
+  at most the binomial ``p (1 - p)``.
+- :func:`stratified_interval`: the mean of several tasks' means (a suite average),
+  normal interval with each task's Agresti-Coull variance ``p~ (1 - p~) / (n + z^2)``,
+  ``p~ = (x + z^2 / 2) / (n + z^2)`` (Agresti and Coull, Am. Stat. 1998), so that a task
+  scored all 0 or all 1 still carries its uncertainty.
+- :func:`bootstrap_interval`: percentile bootstrap of the mean of task means, optionally
+  paired (the difference of two methods on the same samples). A percentile bootstrap
+  collapses to a point when no sample differs: report the number of discordant samples
+  beside it. Seeded (:data:`SEED`): the same scores give the same interval.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["wilson_interval", "bootstrap_interval", "mean_interval", "Z95", "RESAMPLES", "SEED"]
+__all__ = ["wilson_interval", "bootstrap_interval", "mean_interval", "stratified_interval", "Z95", "RESAMPLES",
+           "SEED"]
 
 #: Two-sided 95 % standard normal quantile.
 Z95 = 1.959963984540054
@@ -29,8 +34,10 @@ RESAMPLES = 4000
 SEED = 0
 
 
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval ``(low, high)`` of ``successes`` out of ``n`` trials, in [0, 1].
+
+    ``successes`` may be fractional (a sum of scores in [0, 1]; see the module docstring).
 
     Raises:
         ValueError: ``n`` < 1 or ``successes`` outside ``[0, n]``.
@@ -77,9 +84,29 @@ def bootstrap_interval(groups: Sequence[Sequence[float]], paired: Sequence[Seque
 
 
 def mean_interval(scores: Sequence[float]) -> tuple[float, float]:
-    """95 % interval of the mean of ``scores`` in [0, 1]: Wilson if all are 0 or 1, else the bootstrap."""
+    """95 % interval of the mean of ``scores`` in [0, 1]: Wilson of ``sum(scores)`` out of ``len(scores)``.
+
+    Raises:
+        ValueError: no score.
+    """
     if len(scores) == 0:
         raise ValueError("scores must hold at least one score, got none")
-    if all(s in (0.0, 1.0) for s in scores):
-        return wilson_interval(int(sum(scores)), len(scores))
-    return bootstrap_interval([scores])
+    return wilson_interval(float(sum(scores)), len(scores))
+
+
+def stratified_interval(groups: Sequence[Sequence[float]], z: float = Z95) -> tuple[float, float]:
+    """95 % interval of the mean of the groups' means (scores in [0, 1]), clipped to [0, 1].
+
+    Raises:
+        ValueError: no group, or an empty group.
+    """
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError(f"groups must be non-empty lists of scores, got sizes {[len(g) for g in groups]}")
+    mean = sum(sum(g) / len(g) for g in groups) / len(groups)
+    variance = 0.0
+    for group in groups:
+        n = len(group) + z * z
+        p = (sum(group) + z * z / 2) / n
+        variance += p * (1 - p) / n
+    half = z * math.sqrt(variance) / len(groups)
+    return max(0.0, mean - half), min(1.0, mean + half)
