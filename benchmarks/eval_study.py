@@ -54,6 +54,8 @@ FULL = {"tasks": tuple(RULER_TASKS), "lengths": (4096, 8192), "samples": 25, "pp
         "max_new_tokens": 48, "methods": METHODS, "settings": SETTINGS}
 SMOKE = {"tasks": ("niah_single_1", "vt"), "lengths": (512,), "samples": 2, "ppl_length": 512, "ppl_tokens": 32,
          "max_new_tokens": 6, "methods": ("per-token", "think"), "settings": ("dense", "K0.5V0.5")}
+#: Free memory of an H200 for planning a GPU run on another machine (139 GiB visible, weights and context taken).
+H200_FREE_BYTES = 135 * 2**30
 #: Assumed H200 costs behind :func:`estimate` (SmolLM2-135M, bf16, eager); replace by the rates a run prints.
 GPU_COSTS = {"decode_step_s": 0.035, "prefill_tokens_per_s": 250_000.0, "fill_s": 0.15, "startup_s": 75.0}
 
@@ -161,6 +163,7 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
 
     Decode steps are an upper bound: every batch decodes up to its longest answer cap under
     every (method, setting) (rows that stop early do not shorten a batch whose slowest row runs on).
+    Off CUDA, batches are planned as :func:`auto_batch_size` would form them on an H200.
     """
     text, token_ids = prepare_text(config, tokenizer)
     caches = len(run_configs(config))
@@ -170,7 +173,8 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
         if not jobs:
             continue
         lengths = [j.input_ids.shape[1] for j in jobs]
-        size = batch_size or config.batch_size or auto_batch_size(model, max(lengths))
+        size = batch_size or config.batch_size or auto_batch_size(
+            model, max(lengths), None if model.device.type == "cuda" else H200_FREE_BYTES)
         for group in length_batches(lengths, size):
             work["batch_sizes"].append(len(group))
             work["prefill_tokens"] += len(group) * max(lengths[i] for i in group)

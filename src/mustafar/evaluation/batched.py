@@ -156,14 +156,18 @@ def fill_batch(cache: Cache, source: DynamicCache, batch: PaddedBatch) -> Cache:
         raise ValueError(f"source must be a prefilled DynamicCache, got {source!r:.80}")
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache must be empty, got one holding {cache.get_seq_length()} tokens")
-    mask = None
-    if batch.attention_mask is not None:
-        n = batch.attention_mask.shape[1]
-        mask = batch.attention_mask.bool()[:, None, :, None].expand(batch.rows, 1, n, n)
+    masks: dict[torch.device, torch.Tensor] = {}  # moved before the expand: a view, never n x n bytes
     for layer_idx, layer in enumerate(source.layers):
         cache.update(layer.keys.clone(), layer.values.clone(), layer_idx)
         if isinstance(cache, MustafarCache):
-            cache.layers[layer_idx].consume(attention_mask=None if mask is None else mask.to(layer.keys.device))
+            mask = None
+            if batch.attention_mask is not None:
+                device, n = layer.keys.device, batch.attention_mask.shape[1]
+                if device not in masks:
+                    masks[device] = batch.attention_mask.to(device).bool()[:, None, :, None].expand(
+                        batch.rows, 1, n, n)
+                mask = masks[device]
+            cache.layers[layer_idx].consume(attention_mask=mask)
     return cache
 
 
@@ -210,14 +214,15 @@ def batched_greedy(model, cache: Cache, logits: torch.Tensor, batch: PaddedBatch
     return tokens
 
 
-def auto_batch_size(model, tokens: int) -> int:
+def auto_batch_size(model, tokens: int, free_bytes: int | None = None) -> int:
     """Rows per batch that fill about half the free memory of ``model``'s CUDA device; 1 on other devices.
 
     Per row and token: ``_KV_COPIES`` copies of all layers' K and V, plus the prefill MLP's
-    activations; at most :data:`MAX_AUTO_BATCH`.
+    activations; at most :data:`MAX_AUTO_BATCH`. ``free_bytes``: plan for a device with this
+    much free memory instead (any device; e.g. to plan a GPU run on a CPU machine).
     """
     device = model.device
-    if device.type != "cuda":
+    if device.type != "cuda" and free_bytes is None:
         return 1
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -225,5 +230,5 @@ def auto_batch_size(model, tokens: int) -> int:
     size = model.dtype.itemsize
     per_token = (_KV_COPIES * 2 * cfg.num_hidden_layers * kv_heads * head_dim * size
                  + _MLP_COPIES * cfg.intermediate_size * size + cfg.hidden_size * size)
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
     return max(1, min(MAX_AUTO_BATCH, int(_MEMORY_FRACTION * free // (per_token * max(1, tokens)))))
