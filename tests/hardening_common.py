@@ -3,7 +3,7 @@
 The oracle, :class:`ReferenceCache`, is a transformers ``DynamicCache`` that keeps
 every token dense and returns, from each update after the prefill, each row's
 tokens before its boundary pruned per token (``prune_per_token``): the rule of
-:mod:`mustafar.cache_rules`, written out again independently. The ``"mustafar"``
+:mod:`mustafar.cache.rules`, written out again independently. The ``"mustafar"``
 attention runs plain SDPA over it, so a model decoding with it computes what a
 ``MustafarCache`` must compute, by another road.
 """

@@ -104,7 +104,7 @@ def test_compress_bit_exact(backend, dtype, head_dim, sparsity):
 @pytest.mark.parametrize("length", [5, 32, 33, 700])
 def test_static_ops_cuda_match_torch(length):
     """The graph-capturable ops read the token count on the device; CUDA equals the reference."""
-    from mustafar.static_ops import static_decode_attention, static_evict
+    from mustafar.cache.static_ops import static_decode_attention, static_evict
 
     gen = torch.Generator(device="cuda").manual_seed(length)
     w, cap = 32, 1024

@@ -1,6 +1,6 @@
 """Left-padded batches: each row of a padded batch is decoded exactly as its prompt alone (issue 5).
 
-The rule (:mod:`mustafar.cache_rules`) counts a row's boundary from its own real
+The rule (:mod:`mustafar.cache.rules`) counts a row's boundary from its own real
 tokens, so padding never changes which tokens of a prompt are pruned, nor what
 pruning keeps of them; at sparsity 0 a row equals dense decoding too.
 """
@@ -18,8 +18,8 @@ from hardening_common import (
 from transformers import DynamicCache, Qwen2Config
 
 from mustafar import MustafarCache, StaticMustafarCache, prune_per_token
-from mustafar.cache_layer import MustafarLayer
-from mustafar.cache_rules import pads_from_mask
+from mustafar.cache.layer import MustafarLayer
+from mustafar.cache.rules import pads_from_mask
 from mustafar.reference import decode_attention_reference
 
 pytestmark = [

@@ -5,7 +5,7 @@ in any chunking builds the same store as compressing at once. Cache: for random
 window, chunk, left padding, update sizes, past recording and crops, no token is
 ever lost or reordered, ``get_seq_length`` counts them, the store holds exactly the
 pruned oldest tokens, and what the attention reads is the rule of
-:mod:`mustafar.cache_rules`, recomputed here from the dense tokens.
+:mod:`mustafar.cache.rules`, recomputed here from the dense tokens.
 """
 
 import pytest
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mustafar import BitmapKV, compress, keep_count, prune_per_token
-from mustafar.cache_layer import MustafarLayer
-from mustafar.cache_rules import prune_rows_prefix
+from mustafar.cache.layer import MustafarLayer
+from mustafar.cache.rules import prune_rows_prefix
 from mustafar.format import unpack_bitmaps
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -8,7 +8,7 @@ import transformers
 
 import mustafar
 from mustafar.format import BitmapKV
-from mustafar.static_ops import static_decode_attention, static_evict
+from mustafar.cache.static_ops import static_decode_attention, static_evict
 
 
 def _model(seed=0):

@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import CACHE_DTYPES, check_head_dim, check_positive_int, check_sparsity, check_tensor
-from .pruning import keep_count
+from .pruning import keep_count, topk_mask
 
-__all__ = ["BitmapKV", "compress", "bytes_per_token", "dense_bytes_per_token", "WORD_BITS"]
+__all__ = ["BitmapKV", "bytes_per_token", "compress_rows", "dense_bytes_per_token", "WORD_BITS"]
 
 #: Channels per bitmap word.
 WORD_BITS = 64
@@ -92,6 +92,16 @@ def compress_mask(x: torch.Tensor, mask: torch.Tensor, k_keep: int) -> tuple[tor
     """``(values, bitmaps)`` of ``x`` under a keep-``mask`` with exactly ``k_keep`` set bits per token."""
     kept = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k_keep]
     return x.gather(-1, kept), pack_bitmaps(mask)
+
+
+def compress_rows(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``.
+
+    Keeps the ``k_keep`` entries of largest ``|x|`` per row, ties to the lower channel: the rule every
+    backend's compression reproduces bit for bit (this is the PyTorch reference of it).
+    """
+    k_keep = keep_count(x.shape[-1], sparsity)
+    return compress_mask(x, topk_mask(x.abs(), k_keep), k_keep)
 
 
 def expand(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -257,15 +267,24 @@ class BitmapKV:
     def append(self, x: torch.Tensor) -> None:
         """Prune (per token) and compress new rows ``x [batch, kv_heads, n, head_dim]`` and append them.
 
+        Compresses with :func:`compress_rows` in PyTorch on ``x``'s device; the caches call
+        :func:`mustafar.ops.append` instead, which runs the same rule in the fastest backend (identical bits).
+
         Raises:
             TypeError / ValueError: ``x`` of another dtype, batch, head count or head_dim.
         """
-        self._check_rows(x)
-        from .ops import compress_into  # the ops layer picks the kernel for x's device
+        self.check_rows(x)
+        self.append_compressed(*compress_rows(x, self.sparsity))
 
-        self.reserve(self._tokens + x.shape[2])
-        compress_into(x, self.sparsity, self._values, self._bitmaps, self._tokens)
-        self._tokens += x.shape[2]
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more rows, already written into :attr:`storage` after the held ones (by a kernel).
+
+        Raises:
+            ValueError: the rows would pass the capacity (call :meth:`reserve` first).
+        """
+        if not 0 <= tokens <= self.capacity - self._tokens:
+            raise ValueError(f"tokens must be in [0, {self.capacity - self._tokens}] (the free capacity), got {tokens}")
+        self._tokens += tokens
 
     def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
         """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``).
@@ -316,7 +335,8 @@ class BitmapKV:
         self._values = self._values.index_select(0, index)
         self._bitmaps = self._bitmaps.index_select(0, index)
 
-    def _check_rows(self, x: torch.Tensor) -> None:
+    def check_rows(self, x: torch.Tensor) -> None:
+        """Raise unless ``x`` is ``[batch, kv_heads, n, head_dim]`` rows of this store's dtype, device and sizes."""
         check_tensor("x", x, ndim=4)
         b, h = self._values.shape[:2]
         if x.dtype != self.dtype:
@@ -335,23 +355,3 @@ def _grown(buffer: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
     grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
     grown[:, :, :used] = buffer[:, :, :used]
     return grown
-
-
-def compress(x: torch.Tensor, sparsity: float) -> BitmapKV:
-    """Per-token prune ``x`` ``[batch, kv_heads, tokens, head_dim]`` and store it as a :class:`BitmapKV`.
-
-    ``x``: fp16, bf16 or fp32, any head_dim in 1..256. ``sparsity``: fraction of
-    each token's entries zeroed, in [0, 1). ``compress(x, s).decompress()``
-    equals ``prune_per_token(x, s)`` exactly. Source: Mustafar, arXiv 2505.22913.
-
-    Raises:
-        TypeError: ``x`` not a tensor of a cache dtype.
-        ValueError: wrong rank, head_dim over 256, sparsity outside [0, 1).
-    """
-    check_tensor("x", x, ndim=4)
-    check_head_dim("x", x.shape[-1])
-    b, h, t, d = x.shape
-    store = BitmapKV.empty(b, h, d, sparsity, dtype=x.dtype, device=x.device, capacity=t)
-    if t:
-        store.append(x)
-    return store

@@ -214,7 +214,7 @@ def check_device(device: object) -> torch.device:
         ValueError: not a device name, the ``meta`` device (no data), or a CUDA index beyond the GPUs present.
         mustafar.ops.UnsupportedHardwareError: a device type this machine or this torch build lacks (e.g. CUDA).
     """
-    from .ops import UnsupportedHardwareError
+    from .errors import UnsupportedHardwareError
 
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device, e.g. 'cpu' or 'cuda:0', got {type(device).__name__} "
@@ -249,7 +249,7 @@ def default_attn_implementation() -> str:
     """``"mustafar"`` (registered by :mod:`mustafar.attention`) when available, else ``"sdpa"``."""
     from transformers import AttentionInterface
 
-    import mustafar  # noqa: F401  (registers the attention implementation)
+    from . import attention  # noqa: F401  (importing it registers the attention implementation)
 
     return "mustafar" if "mustafar" in AttentionInterface().valid_keys() else "sdpa"
 

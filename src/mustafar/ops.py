@@ -1,60 +1,24 @@
-"""The ops layer: check inputs, pick a backend, allocate, launch.
+"""The ops layer: check inputs, ask the backend table, allocate, launch.
 
-Backends: ``"torch"`` (the PyTorch reference of :mod:`mustafar.reference`, any
-device), ``"triton"`` (the kernels of :mod:`mustafar.kernels`, CUDA tensors, or
-the CPU under ``TRITON_INTERPRET=1``) and ``"cuda"`` (the CUDA C++ decode kernel
-of ``csrc/``, compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16
-query rows per KV head). ``"auto"`` picks CUDA where it applies, then Triton,
-for CUDA tensors, and the reference otherwise.
+Backends (:mod:`mustafar.backends`, the one table and dispatcher): ``"torch"`` (the PyTorch reference of
+:mod:`mustafar.reference`, any device), ``"triton"`` (the kernels of :mod:`mustafar.kernels`, CUDA
+tensors, or the CPU under ``TRITON_INTERPRET=1``) and ``"cuda"`` (the CUDA C++ kernels of ``csrc/``,
+compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16 query rows per KV head). ``"auto"`` picks
+the first of CUDA, Triton, reference that serves the inputs (Triton and CUDA only for CUDA tensors);
+:func:`mustafar.resolve_backend` names it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._checks import check_head_dim, check_positive_int, check_scale, check_tensor
+from .backends import BACKENDS, UnsupportedHardwareError, available_backends, pick, triton_available
 from .format import BitmapKV, num_words
 from .pruning import keep_count
-from .reference import compress_reference, decode_attention_reference
 
-__all__ = ["sparse_decode_attention", "compress_into", "BACKENDS", "available_backends"]
-
-BACKENDS = ("auto", "torch", "triton", "cuda")
-
-
-class UnsupportedHardwareError(RuntimeError):
-    """A backend was asked for on a machine or for inputs it cannot serve."""
-
-
-def triton_available() -> bool:
-    """Whether the Triton kernels can run here (a CUDA device, or the Triton interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available_backends() -> list[str]:
-    """Backends that can run on this machine, besides ``"auto"``."""
-    from .launch.cuda import cuda_available
-
-    return ["torch"] + (["triton"] if triton_available() else []) + (["cuda"] if cuda_available() else [])
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not triton_available():
-        raise UnsupportedHardwareError(
-            "backend='triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"
-        )
-    return backend
-
+__all__ = ["sparse_decode_attention", "compress", "compress_into", "append", "BACKENDS", "UnsupportedHardwareError",
+           "available_backends", "triton_available"]
 
 def compress_into(
     x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto"
@@ -72,24 +36,46 @@ def compress_into(
     _check_compress_inputs(x, sparsity, values, bitmaps, offset)
     n = x.shape[2]
     out_values, out_bitmaps = values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n]
-    chosen = _resolve_backend(backend, x.device)
-    if chosen in ("cuda", "triton") and backend != "triton":
-        from .launch.cuda import compress_cuda, compress_supported
+    pick("compress", backend, x=x, values=out_values, bitmaps=out_bitmaps).compress(x, sparsity, out_values,
+                                                                                     out_bitmaps)
 
-        if compress_supported(x, out_values, out_bitmaps):
-            compress_cuda(x, out_values, out_bitmaps)
-            return
-        if chosen == "cuda":
-            raise UnsupportedHardwareError(
-                f"backend='cuda' compresses fp16/bf16 rows of head_dim 64 or 128 on a CUDA device; got device "
-                f"{x.device}, dtype {x.dtype}, shape {tuple(x.shape)}"
-            )
-    if chosen in ("cuda", "triton"):
-        from .launch.compress import compress_triton
 
-        compress_triton(x, sparsity, out_values, out_bitmaps)
-        return
-    out_values[...], out_bitmaps[...] = compress_reference(x, sparsity)
+def append(store: BitmapKV, x: torch.Tensor, backend: str = "auto") -> None:
+    """Prune (per token) and compress new rows ``x [batch, kv_heads, n, head_dim]`` onto ``store``'s end.
+
+    What :meth:`BitmapKV.append` does, with the compression run by ``backend`` (:mod:`mustafar.backends`;
+    every backend writes identical bits): the caches call this one.
+
+    Raises:
+        TypeError / ValueError: ``x`` of another dtype, device, batch, head count or head_dim than ``store``.
+        UnsupportedHardwareError: an explicit ``backend`` that cannot compress ``x``.
+    """
+    store.check_rows(x)
+    start = store.tokens
+    store.reserve(start + x.shape[2])
+    values, bitmaps = store.storage
+    compress_into(x, store.sparsity, values, bitmaps, start, backend)
+    store.advance(x.shape[2])
+
+
+def compress(x: torch.Tensor, sparsity: float, backend: str = "auto") -> BitmapKV:
+    """Per-token prune ``x`` ``[batch, kv_heads, tokens, head_dim]`` and store it as a :class:`BitmapKV`.
+
+    ``x``: fp16, bf16 or fp32, any head_dim in 1..256. ``sparsity``: fraction of
+    each token's entries zeroed, in [0, 1). ``compress(x, s).decompress()``
+    equals ``prune_per_token(x, s)`` exactly, whichever ``backend`` compresses. Source: Mustafar, arXiv 2505.22913.
+
+    Raises:
+        TypeError: ``x`` not a tensor of a cache dtype.
+        ValueError: wrong rank, head_dim over 256, sparsity outside [0, 1).
+    """
+    check_tensor("x", x, ndim=4)
+    check_head_dim("x", x.shape[-1])
+    b, h, t, d = x.shape
+    store = BitmapKV.empty(b, h, d, sparsity, dtype=x.dtype, device=x.device, capacity=t)
+    if t:
+        append(store, x, backend)
+    return store
 
 
 def _check_compress_inputs(x, sparsity, values, bitmaps, offset) -> None:
@@ -175,7 +161,7 @@ def sparse_decode_attention(
         key_window, value_window: ``[batch, kv_heads, w, head_dim]`` dense, the
             most recent tokens (after the compressed ones), or ``None``.
         scale: softmax scale, default ``head_dim ** -0.5``.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (:mod:`mustafar.backends`).
         attention_mask: optional, broadcastable to ``[batch, q_heads, q_len, tokens + w]``;
             bool (True = attend) or additive float.
 
@@ -187,6 +173,7 @@ def sparse_decode_attention(
         TypeError: non-tensor or non-BitmapKV inputs, dtype mismatches, an
             ``attention_mask`` neither bool nor floating.
         ValueError: shape mismatches, q_heads not a multiple of kv_heads, bad backend.
+        UnsupportedHardwareError: an explicit ``backend`` that cannot serve the inputs.
 
     Source: Mustafar (arXiv 2505.22913) computes attention directly on the
     pruned cache; this is its decode step in flash-decoding form.
@@ -209,27 +196,6 @@ def decode_attention_unchecked(query, key_cache, value_cache, key_window, value_
     ``MustafarLayer`` calls it once per layer and decode step, where eager decoding at small batch is
     bound by host time (the checks cost about 10 us a call); ``scale`` must be a float, the batch non-empty.
     """
-    chosen = _resolve_backend(backend, query.device)
-    if chosen in ("cuda", "triton") and backend != "triton":
-        from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
-
-        if cuda_available() and cuda_supported(query, key_cache, value_cache, key_window, attention_mask):
-            return decode_attention_cuda(query, key_cache, value_cache, key_window, value_window, scale,
-                                         attention_mask)
-        if chosen == "cuda":
-            raise UnsupportedHardwareError(
-                "backend='cuda' needs a CUDA device of compute capability >= 8.0, fp16/bf16 tensors, head_dim 64 or "
-                "128, at most 16 query rows per KV head (q_heads // kv_heads * q_len) and a bool or no mask; "
-                f"got device {query.device}, dtype {query.dtype}, shape {tuple(query.shape)}, kv_heads "
-                f"{key_cache.shape[1]}"
-            )
-    if chosen in ("cuda", "triton"):
-        from .launch.decode import decode_attention_triton
-
-        return decode_attention_triton(query, key_cache, value_cache, key_window, value_window, scale, attention_mask)
-    keys, values = key_cache.decompress(), value_cache.decompress()
-    if key_window is not None:
-        keys = torch.cat([keys, key_window], dim=2)
-        values = torch.cat([values, value_window], dim=2)
-    return decode_attention_reference(query, keys, values, scale, attention_mask)
-
+    return pick("decode", backend, query=query, key_cache=key_cache, value_cache=value_cache, key_window=key_window,
+                attention_mask=attention_mask).decode(query, key_cache, value_cache, key_window, value_window, scale,
+                                                      attention_mask)

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from .format import compress_mask, expand
-from .pruning import keep_count, topk_mask
+from .format import compress_rows, expand
 
 __all__ = ["compress_reference", "decompress_reference", "decode_attention_reference"]
 
 
-def compress_reference(x: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``.
-
-    Keeps the ``k_keep`` entries of largest ``|x|`` per row, ties to the lower channel.
-    """
-    k_keep = keep_count(x.shape[-1], sparsity)
-    return compress_mask(x, topk_mask(x.abs(), k_keep), k_keep)
+#: Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``;
+#: the format owns the rule (:func:`mustafar.format.compress_rows`), this is its name among the references.
+compress_reference = compress_rows
 
 
 def decompress_reference(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:

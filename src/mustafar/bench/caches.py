@@ -43,7 +43,7 @@ def static_sparse_cache(model, setting: SparsityConfig, batch: int, max_tokens: 
     Raises:
         ImportError: this build of mustafar has no ``StaticMustafarCache``.
     """
-    from ..static_cache import StaticMustafarCache
+    from ..cache import StaticMustafarCache
 
     return StaticMustafarCache(model.config, batch_size=batch, max_tokens=max_tokens,
                                key_sparsity=setting.key_sparsity, value_sparsity=setting.value_sparsity,
@@ -117,7 +117,7 @@ def compress_op(cache, setting: SparsityConfig, batch: int, model) -> CompressOp
         return None
     layer = cache.layers[0]
     if hasattr(layer, "length") and hasattr(layer, "max_tokens"):  # StaticMustafarLayer: one token per step
-        from ..static_ops import static_evict
+        from ..cache import static_evict
 
         if int(layer.length) >= layer.max_tokens:  # the timed eviction writes the next step's store row
             raise ValueError(f"cache must have room for one more token to time its eviction: it holds "

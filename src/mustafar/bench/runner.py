@@ -91,7 +91,7 @@ def _fits(ctx: _Context, row: dict, setting) -> str | None:
 
 def _static_sparse_available() -> bool:
     try:
-        from ..static_cache import StaticMustafarCache  # noqa: F401
+        from ..cache import StaticMustafarCache  # noqa: F401
     except ImportError:
         return False
     return True

@@ -33,7 +33,17 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 16;  // tokens per warp step
 constexpr int kRows = 16;  // query rows per CTA (one m16 tile)
-constexpr int kStages = 2;
+// Staging depth per warp and the CTAs per multiprocessor the register budget is sized for (4: 128 registers a
+// thread). Measured on the H200 (benchmarks/kernel_variants.py, 2026-12-03): 5 CTAs (96 registers) and 3 stages
+// were slower at 8 x 32k and 32 x 32k. Overridable at build time for tuning runs.
+#ifndef MUSTAFAR_DECODE_STAGES
+#define MUSTAFAR_DECODE_STAGES 2
+#endif
+#ifndef MUSTAFAR_DECODE_MIN_CTAS
+#define MUSTAFAR_DECODE_MIN_CTAS 4
+#endif
+constexpr int kStages = MUSTAFAR_DECODE_STAGES;
+constexpr int kMinCtasPerSm = MUSTAFAR_DECODE_MIN_CTAS;
 constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T>
@@ -83,6 +93,25 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+
+// 16-bit load from shared memory by 32-bit shared-window address (no generic-pointer arithmetic in the loops).
+__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
+  unsigned short v;
+  asm("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 2^x for x <= 0 or -inf (softmax in log2 units): one MUFU.EX2, flushing denormal results to zero.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -205,15 +234,15 @@ struct Decoder {
   // S^T tile [16 tokens x 8 NT rows] from compressed K rows in shared memory (tokens g and g + 8).
   __device__ void scores_sparse(float s[NT][4], const uint16_t* vals, const uint32_t* bits, const uint32_t* prefix,
                                 int valid, int k_keep) {
-    uint32_t mine[2];
-    const uint16_t* src[2];
+    uint32_t mine[2], src[2];
+    const uint32_t base = smem_addr(vals);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = g + 8 * half;
       int x;
       mine[half] = run_of<kCPTK>(bits + row * kWords, prefix[row], kCPTK * t, x);
       if (row >= valid) mine[half] = 0;
-      src[half] = vals + row * k_keep + x;
+      src[half] = base + 2u * (row * k_keep + x);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -226,7 +255,10 @@ struct Decoder {
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (mine[half] & (1u << (4 * kb + i))) v[half][i] = *src[half]++;
+          if (mine[half] & (1u << (4 * kb + i))) {
+            v[half][i] = lds_u16(src[half]);
+            src[half] += 2u;
+          }
         }
       const uint32_t a[4] = {__byte_perm(v[0][0], v[0][1], 0x5410), __byte_perm(v[1][0], v[1][1], 0x5410),
                              __byte_perm(v[0][2], v[0][3], 0x5410), __byte_perm(v[1][2], v[1][3], 0x5410)};
@@ -282,11 +314,11 @@ struct Decoder {
         mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
         const float m_new = fmaxf(m[nt][j], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        alpha[nt][j] = exp2f(m[nt][j] - m_use);
+        alpha[nt][j] = fast_exp2(m[nt][j] - m_use);
         rescale |= alpha[nt][j] != 1.f;
         m[nt][j] = m_new;
-        s[nt][j] = exp2f(s[nt][j] - m_use);
-        s[nt][2 + j] = exp2f(s[nt][2 + j] - m_use);
+        s[nt][j] = fast_exp2(s[nt][j] - m_use);
+        s[nt][2 + j] = fast_exp2(s[nt][2 + j] - m_use);
         l[nt][j] = l[nt][j] * alpha[nt][j] + s[nt][j] + s[nt][2 + j];
       }
     }
@@ -312,15 +344,15 @@ struct Decoder {
   // O^T += V^T P^T for compressed V rows in shared memory (tokens 2t, 2t+1, 2t+8, 2t+9).
   __device__ void accumulate_sparse(const uint32_t pb[NT][2], const uint16_t* vals, const uint32_t* bits,
                                     const uint32_t* prefix, int valid, int k_keep) {
-    uint32_t mine[4];
-    const uint16_t* src[4];
+    uint32_t mine[4], src[4];
+    const uint32_t base = smem_addr(vals);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int row = 2 * t + (k & 1) + 8 * (k >> 1);
       int x;
       mine[k] = run_of<kCPTV>(bits + row * kWords, prefix[row], kCPTV * g, x);
       if (row >= valid) mine[k] = 0;
-      src[k] = vals + row * k_keep + x;
+      src[k] = base + 2u * (row * k_keep + x);
     }
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
@@ -329,7 +361,10 @@ struct Decoder {
       for (int k = 0; k < 4; ++k)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          if (mine[k] & (1u << (2 * i + j))) v[k][j] = *src[k]++;
+          if (mine[k] & (1u << (2 * i + j))) {
+            v[k][j] = lds_u16(src[k]);
+            src[k] += 2u;
+          }
         }
       const uint32_t a[4] = {__byte_perm(v[0][0], v[1][0], 0x5410), __byte_perm(v[0][1], v[1][1], 0x5410),
                              __byte_perm(v[2][0], v[3][0], 0x5410), __byte_perm(v[2][1], v[3][1], 0x5410)};
@@ -380,7 +415,7 @@ __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, cons
 }
 
 template <typename T, int D, bool MASKED, int NT>
-__global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) char smem[];
   using Dec = Decoder<T, D, MASKED, NT>;
   constexpr int kBits = Stage<D>::kBitsBytes;
@@ -399,18 +434,27 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const __grid_co
     const char* vv = reinterpret_cast<const char*>(p.vv + b * p.vv_sb + h * p.vv_sh);
     const char* kb = reinterpret_cast<const char*>(p.kb + b * p.kb_sb + h * p.kb_sh);
     const char* vb = reinterpret_cast<const char*>(p.vb + b * p.vb_sb + h * p.vb_sh);
+    // A pipeline of kStages tiles per warp: kStages - 1 tiles in flight while one is computed. Every step commits
+    // one cp.async group (empty past the end), so waiting for kStages - 1 pending groups frees the oldest stage.
+    constexpr int kStep = kWarps * kTile;
     int tile = lo + warp * kTile;
-    if (tile < hi) issue_tile<D>(my_stages, stage, kv, vv, kb, vb, tile, dec.lane);
-    for (int it = 0; tile < hi; ++it, tile += kWarps * kTile) {
-      const int next = tile + kWarps * kTile;
-      if (next < hi) {
-        issue_tile<D>(my_stages + ((it + 1) & 1) * stage.size(), stage, kv, vv, kb, vb, next, dec.lane);
-        cp_async_wait<1>();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      const int ahead = tile + s * kStep;
+      if (ahead < hi) issue_tile<D>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ahead, dec.lane);
+      else cp_async_commit();
+    }
+    for (int it = 0; tile < hi; ++it, tile += kStep) {
+      const int ahead = tile + (kStages - 1) * kStep;
+      if (ahead < hi) {
+        issue_tile<D>(my_stages + ((it + kStages - 1) % kStages) * stage.size(), stage, kv, vv, kb, vb, ahead,
+                      dec.lane);
       } else {
-        cp_async_wait<0>();
+        cp_async_commit();
       }
+      cp_async_wait<kStages - 1>();
       __syncwarp();
-      char* st = my_stages + (it & 1) * stage.size();
+      char* st = my_stages + (it % kStages) * stage.size();
       const uint16_t* kvals = reinterpret_cast<const uint16_t*>(st);
       const uint16_t* vvals = reinterpret_cast<const uint16_t*>(st + stage.vals_bytes);
       const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + 2 * stage.vals_bytes);

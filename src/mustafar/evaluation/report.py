@@ -136,7 +136,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from .. import __version__
+    from .. import __version__  # the package version (a dunder, not a private name)
 
     return {"mustafar": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "processor": platform.machine()}

@@ -37,8 +37,9 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .tasks import _check_args, haystack_budget, insert_needles, random_number, take_haystack
-from .texts import sentences
+from .ruler_words import cwe_sample, fwe_sample
+from .tasks import check_args, haystack_budget, insert_needles, random_number, take_haystack
+from .texts import distinct, sentences, word_pool
 
 __all__ = ["RulerSample", "NiahSpec", "RULER_TASKS", "ruler_samples", "word_pool", "NOISE", "DEPTHS"]
 
@@ -110,13 +111,6 @@ RULER_TASKS = {**{name: 128 for name in NIAH_SPECS}, "vt": 30, "cwe": 120, "fwe"
 
 
 @lru_cache(maxsize=4)
-def word_pool(text: str) -> tuple[str, ...]:
-    """Distinct lower-case alphabetic words of 3 to 12 letters of ``text``, sorted."""
-    words = {w for w in (t.strip(string.punctuation).lower() for t in text.split()) if w.isalpha() and w.isascii()}
-    return tuple(sorted(w for w in words if 3 <= len(w) <= 12))
-
-
-@lru_cache(maxsize=4)
 def _essay_units(text: str) -> tuple[str, ...]:
     return tuple(s for s in sentences(text) if len(s) <= _MAX_ESSAY_SENTENCE)
 
@@ -127,15 +121,6 @@ def _random(kind: str, rng: random.Random, words: tuple[str, ...]) -> str:
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
     return f"{rng.choice(words)}-{rng.choice(words)}"
-
-
-def _distinct(count: int, make) -> list[str]:
-    out: list[str] = []
-    while len(out) < count:
-        item = make()
-        if item not in out:
-            out.append(item)
-    return out
 
 
 def _niah_texts(spec: NiahSpec, single: bool) -> tuple[str, str, str]:
@@ -152,7 +137,7 @@ def _haystack_pool(spec: NiahSpec, text: str, rng: random.Random, words, budget:
         return [NOISE]
     if spec.haystack == "essay":
         return list(_essay_units(text))
-    keys = _distinct(budget // 8 + 8, lambda: _random(spec.key, rng, words))
+    keys = distinct(budget // 8 + 8, lambda: _random(spec.key, rng, words))
     return [NEEDLE.format(kind=spec.value, key=k, value=_random(spec.value, rng, words)) for k in keys
             if k not in avoid]
 
@@ -160,7 +145,7 @@ def _haystack_pool(spec: NiahSpec, text: str, rng: random.Random, words, budget:
 def niah_sample(task: str, tokenizer, context_length: int, rng: random.Random, text: str) -> dict:
     """Fields of one needle-in-a-haystack sample of RULER variant ``task`` (see :data:`NIAH_SPECS`)."""
     spec, words = NIAH_SPECS[task], word_pool(text)
-    keys = _distinct(max(spec.keys, spec.queries), lambda: _random(spec.key, rng, words))
+    keys = distinct(max(spec.keys, spec.queries), lambda: _random(spec.key, rng, words))
     values = [[_random(spec.value, rng, words) for _ in range(spec.values)] for _ in keys]
     needles = [NEEDLE.format(kind=spec.value, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
     rng.shuffle(needles)
@@ -179,7 +164,7 @@ def niah_sample(task: str, tokenizer, context_length: int, rng: random.Random, t
 
 
 def _chain(rng: random.Random, hops: int, letters: int, value: str) -> tuple[list[str], list[str]]:
-    names = _distinct(hops + 1, lambda: "".join(rng.choices(string.ascii_uppercase, k=letters)))
+    names = distinct(hops + 1, lambda: "".join(rng.choices(string.ascii_uppercase, k=letters)))
     return names, [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(hops)]
 
 
@@ -192,7 +177,7 @@ def _vt_context(rng: random.Random, units: int, chains: list[list[str]]) -> str:
 def vt_sample(task: str, tokenizer, context_length: int, rng: random.Random, text: str,
               hops: int = 4, chains: int = 1) -> dict:
     """Fields of one variable-tracking sample: ``chains`` chains of ``hops`` hops, the first one asked."""
-    values = _distinct(chains + 1, lambda: str(rng.randint(10000, 99999)))
+    values = distinct(chains + 1, lambda: str(rng.randint(10000, 99999)))
     shot, values = values[-1], values[:-1]
     example_names, example_chain = _chain(rng, hops, 3, shot)
     example = (VT_TEMPLATE.format(context=_vt_context(rng, VT_SHOT_NOISE, [example_chain]), query=shot)
@@ -207,8 +192,6 @@ def vt_sample(task: str, tokenizer, context_length: int, rng: random.Random, tex
 
 
 def _generator(task: str):
-    from .ruler_words import cwe_sample, fwe_sample
-
     if task in NIAH_SPECS:
         return niah_sample
     return {"vt": vt_sample, "cwe": cwe_sample, "fwe": fwe_sample}[task]
@@ -228,7 +211,7 @@ def ruler_samples(tokenizer, task: str, context_length: int, n: int, seed: int =
 
     if task not in RULER_TASKS:
         raise ValueError(f"task must be one of {list(RULER_TASKS)}, got {task!r}")
-    _check_args(tokenizer, context_length, n, (0.5,))
+    check_args(tokenizer, context_length, n, (0.5,))
     text = text if text is not None else reference_text()
     if len(word_pool(text)) < 100:
         raise ValueError(f"text must hold at least 100 distinct words for RULER tasks, got {len(word_pool(text))}")

@@ -6,7 +6,7 @@ Source: Hsieh et al., arXiv 2404.06654, ``common_words_extraction.py`` and
 - **cwe**: a numbered list ``1. word 2. word ...`` where 10 common words appear
   ``freq_cw`` times and the others ``freq_ucw`` times (30 / 3 from 4096 tokens,
   6 / 1 below, as RULER), after a one-shot example; answer: the 10 common words.
-  Words come from :func:`~.ruler.word_pool` of the haystack text (RULER: ``wonderwords``).
+  Words come from :func:`~.texts.word_pool` of the haystack text (RULER: ``wonderwords``).
 - **fwe**: coded words (6 random lower-case letters) drawn with Zipf frequencies
   (``alpha = 2``) from a vocabulary of ``context_length // 50`` words whose top
   word is the noise ``...``; answer: the three next most frequent words.
@@ -21,7 +21,7 @@ import random
 import string
 from collections.abc import Callable
 
-from .ruler import _distinct, word_pool
+from .texts import distinct, word_pool
 
 __all__ = ["cwe_sample", "fwe_sample", "fit_count", "zeta", "CWE_TEMPLATE", "FWE_TEMPLATE"]
 
@@ -105,7 +105,7 @@ def zeta(alpha: float, terms: int = 1000) -> float:
 def fwe_sample(task: str, tokenizer, context_length: int, rng: random.Random, text: str,
                alpha: float = 2.0, word_length: int = 6) -> dict:
     """Fields of one frequent-words-extraction sample (see the module docstring)."""
-    vocab = _distinct(max(8, context_length // 50), lambda: "".join(rng.choices(string.ascii_lowercase,
+    vocab = distinct(max(8, context_length // 50), lambda: "".join(rng.choices(string.ascii_lowercase,
                                                                                    k=word_length)))
     vocab[0] = "..."
     norm, seed = zeta(alpha), rng.random()

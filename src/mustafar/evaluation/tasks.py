@@ -79,7 +79,8 @@ def random_number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def _check_args(tokenizer, context_length: int, n: int, depths) -> None:
+def check_args(tokenizer, context_length: int, n: int, depths) -> None:
+    """Raise TypeError / ValueError for a tokenizer without ``encode``, ``context_length`` < 256, ``n`` < 0 or bad depths."""
     if not callable(getattr(tokenizer, "encode", None)):
         raise TypeError(f"tokenizer must have an encode method, got {type(tokenizer).__name__}")
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 256:
@@ -140,7 +141,7 @@ def haystack_budget(tokenizer, context_length: int, frame: str, answer_prefix: s
 def passkey_samples(tokenizer, context_length: int, n: int, seed: int = 0,
                     depths=DEFAULT_DEPTHS) -> list[Sample]:
     """``n`` passkey samples of about ``context_length`` tokens; sample ``i`` uses depth ``depths[i % len]``."""
-    _check_args(tokenizer, context_length, n, depths)
+    check_args(tokenizer, context_length, n, depths)
     intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
              "I will quiz you about the important information there.\n\n")
     question = "\n\nWhat is the pass key? Answer with the number only."
@@ -169,7 +170,7 @@ def niah_samples(tokenizer, context_length: int, n: int, seed: int = 0, depths=D
     """
     from .texts import reference_text
 
-    _check_args(tokenizer, context_length, n, depths)
+    check_args(tokenizer, context_length, n, depths)
     if isinstance(num_needles, bool) or not isinstance(num_needles, int) or not 1 <= num_needles <= len(_KEYS):
         raise ValueError(f"num_needles must be an int in [1, {len(_KEYS)}], got {num_needles!r}")
     pool = [s for s in sentences(text if text is not None else reference_text()) if len(s) <= MAX_SENTENCE_CHARS]

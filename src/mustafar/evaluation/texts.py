@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import sysconfig
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["reference_text", "load_text", "sentences", "REFERENCE_TEXT_NAME"]
+__all__ = ["reference_text", "load_text", "sentences", "word_pool", "distinct", "REFERENCE_TEXT_NAME"]
 
 #: Name of the default text in reports.
 REFERENCE_TEXT_NAME = "Python Language Reference (pydoc_data.topics)"
@@ -66,3 +69,20 @@ def sentences(text: str) -> list[str]:
     """``text`` with whitespace collapsed, split after ``.``, ``!`` or ``?`` before a capital or quote."""
     flat = _SPACES.sub(" ", text).strip()
     return [s for s in _SENTENCE_END.split(flat) if s]
+
+
+@lru_cache(maxsize=4)
+def word_pool(text: str) -> tuple[str, ...]:
+    """Distinct lower-case alphabetic words of 3 to 12 letters of ``text``, sorted."""
+    words = {w for w in (t.strip(string.punctuation).lower() for t in text.split()) if w.isalpha() and w.isascii()}
+    return tuple(sorted(w for w in words if 3 <= len(w) <= 12))
+
+
+def distinct(count: int, make: Callable[[], str]) -> list[str]:
+    """``count`` distinct items drawn by calling ``make`` until that many differ (first-drawn order)."""
+    out: list[str] = []
+    while len(out) < count:
+        item = make()
+        if item not in out:
+            out.append(item)
+    return out

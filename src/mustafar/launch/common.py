@@ -8,6 +8,9 @@ import os
 
 import torch
 
+#: ``log2(e)``: the kernels compute ``exp(x)`` as ``exp2(x * LOG2E)``.
+LOG2E = 1.4426950408889634
+
 
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -43,3 +46,16 @@ def on_device(tensor: torch.Tensor):
     placed on ``cuda:1`` (``device_map``) would launch its kernels on ``cuda:0``.
     """
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int, block_tokens: int) -> int:
+    """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU.
+
+    Aims for ``per_sm`` programs per multiprocessor, at least 1 split and at most one per ``block_tokens``
+    tokens; 0 when there are no tokens.
+    """
+    if tokens == 0:
+        return 0
+    blocks = cdiv(tokens, block_tokens)
+    wanted = cdiv(per_sm * sm_count(device), batch_heads)
+    return max(1, min(blocks, wanted))

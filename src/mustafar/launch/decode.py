@@ -8,23 +8,13 @@ import torch
 
 from ..format import BitmapKV, num_words
 from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
-from .common import cdiv, interpreting, next_pow2, on_device, sm_count
+from .common import LOG2E, cdiv, choose_splits, interpreting, next_pow2, on_device
 
 #: Tokens per inner step of a program.
 BLOCK_N = 64
 #: Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 2
-_LOG2E = 1.4426950408889634
 _MIN_DOT = 16
-
-
-def choose_splits(batch_heads: int, tokens: int, device: torch.device, block_n: int = BLOCK_N) -> int:
-    """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU."""
-    if tokens == 0:
-        return 0
-    blocks = cdiv(tokens, block_n)
-    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads)
-    return max(1, min(blocks, wanted))
 
 
 def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -69,7 +59,7 @@ def decode_attention_triton(
     n_win = 0 if key_window is None else key_window.shape[2]
     rows = max(_MIN_DOT, next_pow2(group * lq))
     groups = max(_MIN_DOT, next_pow2(math.ceil(d / 4)))
-    splits = choose_splits(b * hkv, n_comp, query.device) if num_splits is None else min(num_splits, n_comp)
+    splits = choose_splits(b * hkv, n_comp, query.device, PROGRAMS_PER_SM, BLOCK_N) if num_splits is None else min(num_splits, n_comp)
     tokens_per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
     splits = cdiv(n_comp, tokens_per_split) if n_comp else 0
     parts = splits + (1 if n_win else 0)
@@ -89,7 +79,7 @@ def decode_attention_triton(
             kw, *_strides(kw), vw, *_strides(vw),
             query if mask is None else mask, *mask_strides,
             partial, m_part, l_part,
-            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * _LOG2E,
+            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E,
             D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
             num_warps=4,

@@ -3,11 +3,11 @@
 Source: Mustafar (Joo et al., arXiv 2505.22913) prunes every Key (after RoPE)
 and Value vector per token by magnitude and keeps the most recent tokens dense
 (the local window, the paper's residual length). Each layer
-(:class:`~mustafar.cache_layer.MustafarLayer`) holds, in token order, a
+(:class:`~mustafar.cache.layer.MustafarLayer`) holds, in token order, a
 **compressed store** (the oldest tokens, pruned once when they enter it) and the
 **local window** (dense, ``[batch, kv_heads, w, head_dim]``).
 
-The rule (:mod:`mustafar.cache_rules`): the prefill is attended dense; after it,
+The rule (:mod:`mustafar.cache.rules`): the prefill is attended dense; after it,
 each row's oldest ``pads + k * chunk`` tokens are attended pruned, for the
 largest ``k`` that leaves at least ``window`` real tokens dense. Without padding
 the store grows by whole chunks and the window keeps ``window`` to
@@ -45,11 +45,12 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from . import ops
-from ._checks import check_positive_int, check_sparsity
-from .cache_layer import NO_OFFLOADING, MustafarLayer, check_batch_index
-from .config import SparsityConfig
-from .model_support import check_model_config
+from .. import ops
+from .._checks import check_positive_int, check_sparsity
+from ..config import SparsityConfig
+from ..model_support import check_model_config
+from .layer import NO_OFFLOADING, MustafarLayer
+from .rows import check_batch_index
 
 __all__ = ["LayerSparsity", "MustafarCache", "MustafarLayer"]
 
@@ -186,7 +187,7 @@ class MustafarCache(Cache):
         refused (use :meth:`batch_select_indices`). Checked once, before any layer changes.
 
         Raises:
-            TypeError / ValueError: see :func:`mustafar.cache_layer.check_batch_index`.
+            TypeError / ValueError: see :func:`mustafar.cache.rows.check_batch_index`.
         """
         self._select_rows("beam_idx", beam_idx, masks=False)
 
@@ -194,7 +195,7 @@ class MustafarCache(Cache):
         """Keep only the batch rows ``indices`` (integer rows in ``[0, batch)`` or a bool mask of ``batch``).
 
         Raises:
-            TypeError / ValueError: see :func:`mustafar.cache_layer.check_batch_index`.
+            TypeError / ValueError: see :func:`mustafar.cache.rows.check_batch_index`.
         """
         self._select_rows("indices", indices, masks=True)
 

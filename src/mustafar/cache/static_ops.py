@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_scale, check_tensor
-from .format import BitmapKV, expand
-from .ops import UnsupportedHardwareError, _resolve_backend
-from .reference import compress_reference, decode_attention_reference
+from .._checks import check_scale, check_tensor
+from ..backends import pick
+from ..format import BitmapKV
 
 __all__ = ["static_decode_attention", "static_evict"]
 
@@ -36,10 +35,6 @@ def _check_static(query: torch.Tensor, store: BitmapKV, ring: torch.Tensor, leng
                          f"got {tuple(ring.shape)}")
     if not isinstance(length, torch.Tensor) or length.dtype != torch.int64 or length.numel() != 1:
         raise TypeError(f"length must be a one-element int64 tensor, got {getattr(length, 'dtype', type(length))}")
-
-
-def _counts(length: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (length - window).clamp(min=0), length.clamp(max=window)
 
 
 def static_decode_attention(
@@ -61,30 +56,19 @@ def static_decode_attention(
         length: int64 scalar tensor on the query's device: tokens held, the current one included.
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: ``"auto"`` (the CUDA kernel where it applies, else the reference), ``"cuda"`` or ``"torch"``
-            (``"triton"`` has no static form and uses the reference).
+            (``"triton"`` has no static form and serves as ``"auto"`` does; :mod:`mustafar.backends`).
 
     Returns:
         ``[batch, q_heads, 1, head_dim]`` in the query's dtype.
 
     Raises:
         ValueError / TypeError: shapes, dtypes or ``length`` not as above.
+        UnsupportedHardwareError: ``backend="cuda"`` for inputs the CUDA kernel cannot serve.
     """
     _check_static(query, key_store, key_ring, length)
     scale = query.shape[-1] ** -0.5 if scale is None else check_scale(scale)
-    if _resolve_backend(backend, query.device) != "torch":
-        from .launch.cuda import cuda_available, cuda_supported, decode_attention_cuda
-
-        if cuda_available() and cuda_supported(query, key_store, value_store, key_ring, None):
-            return decode_attention_cuda(query, key_store, value_store, key_ring, value_ring, scale, length=length)
-        if backend == "cuda":
-            raise UnsupportedHardwareError("backend='cuda' cannot serve this static decode step (see cuda_supported)")
-    n_comp, n_win = _counts(length, key_ring.shape[2])
-    keys = torch.cat([expand(*key_store.storage, key_store.head_dim), key_ring], dim=2)
-    values = torch.cat([expand(*value_store.storage, value_store.head_dim), value_ring], dim=2)
-    capacity = key_store.capacity
-    slots = torch.arange(capacity + key_ring.shape[2], device=query.device)
-    held = torch.where(slots < capacity, slots < n_comp, slots - capacity < n_win)
-    return decode_attention_reference(query, keys, values, scale, held.view(1, 1, 1, -1))
+    return pick("static_decode", backend, query=query, key_cache=key_store, value_cache=value_store,
+                key_window=key_ring).static_decode(query, key_store, value_store, key_ring, value_ring, scale, length)
 
 
 def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, backend: str = "auto") -> None:
@@ -92,22 +76,11 @@ def static_evict(ring: torch.Tensor, store: BitmapKV, length: torch.Tensor, back
 
     The token ``length - w`` (ring slot ``length % w``) goes, pruned, to store row
     ``length - w``; nothing happens while ``length < w``, nor past the store's capacity (the
-    caller must not decode more than ``max_tokens``). Decided on the device.
-    """
-    w = ring.shape[2]
-    values, bitmaps = store.storage
-    if _resolve_backend(backend, ring.device) != "torch":
-        from .launch.cuda import compress_cuda, compress_supported
+    caller must not decode more than ``max_tokens``). Decided on the device. ``backend`` as for
+    :func:`static_decode_attention`.
 
-        if compress_supported(ring, values, bitmaps):
-            compress_cuda(ring, values, bitmaps, position=length)
-            return
-    capacity = values.shape[2]
-    if capacity == 0:
-        return
-    slot = (length % w).view(1)
-    row = (length - w).clamp(min=0, max=capacity - 1).view(1)
-    active = (length >= w) & (length - w < capacity)
-    new_values, new_bitmaps = compress_reference(ring.index_select(2, slot), store.sparsity)
-    values.index_copy_(2, row, torch.where(active, new_values, values.index_select(2, row)))
-    bitmaps.index_copy_(2, row, torch.where(active, new_bitmaps, bitmaps.index_select(2, row)))
+    Raises:
+        UnsupportedHardwareError: ``backend="cuda"`` for a ring the CUDA kernel cannot compress.
+    """
+    values, bitmaps = store.storage
+    pick("static_evict", backend, x=ring, values=values, bitmaps=bitmaps).static_evict(ring, store, length)

@@ -1,7 +1,7 @@
 """``StaticMustafarCache``: a preallocated compressed cache whose decode step can be captured in a CUDA graph.
 
 Source: Mustafar (Joo et al., arXiv 2505.22913); the static layout is this
-project's (see :mod:`mustafar.static_ops`). It is to :class:`~mustafar.MustafarCache`
+project's (see :mod:`mustafar.cache.static_ops`). It is to :class:`~mustafar.MustafarCache`
 what transformers' ``StaticCache`` is to ``DynamicCache``: every buffer is
 allocated once for ``max_tokens``, the decode step has static shapes and reads
 the token count on the device, so one step can be captured and replayed.
@@ -45,11 +45,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._checks import CACHE_DTYPES, check_positive_int, check_sparsity
-from .attention import Link, link_tensor
-from .cache import check_backend, check_layer_idx
-from .cache_rules import pads_from_mask
-from .format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
+from ..attention import Link, link_tensor
+from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from ..ops import append
+from .dynamic import check_backend, check_layer_idx
+from .rules import pads_from_mask
 from .static_ops import static_decode_attention, static_evict
 
 __all__ = ["StaticMustafarCache", "StaticMustafarLayer"]
@@ -150,8 +151,8 @@ class StaticMustafarLayer(CacheLayerMixin):
         n = key_states.shape[2]
         stored = max(0, n - self.window)
         if stored:
-            self.key_store.append(key_states[:, :, :stored])
-            self.value_store.append(value_states[:, :, :stored])
+            append(self.key_store, key_states[:, :, :stored])
+            append(self.value_store, value_states[:, :, :stored])
         slots = torch.arange(stored, n, device=self.device) % self.window
         self.keys.index_copy_(2, slots, key_states[:, :, stored:])
         self.values.index_copy_(2, slots, value_states[:, :, stored:])

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .pruning import prune_per_token
+from ..pruning import prune_per_token
 
 __all__ = ["boundaries", "crop_limit", "pads_from_mask", "prune_rows_prefix"]
 
