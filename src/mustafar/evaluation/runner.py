@@ -125,7 +125,14 @@ def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: Res
 
 
 def _run_length(model, tokenizer, todo: list[Job], config: EvalConfig, store: ResultStore, bar) -> None:
-    """Every job of one context length, all tasks together, in batches of similar prompt lengths."""
+    """Every job of one context length, all tasks together, in batches of similar prompt lengths.
+
+    Jobs already finished under every (method, setting) are counted and left out of the batches.
+    """
+    runs = run_configs(config)
+    done = [all(_key(j.task, s, j.context_length, j.index, config.seed) in store for s in runs) for j in todo]
+    bar.update(len(runs) * sum(done))
+    todo = [job for job, finished in zip(todo, done) if not finished]
     if not todo:
         return
     size = config.batch_size or auto_batch_size(model, max(job.input_ids.shape[1] for job in todo))
