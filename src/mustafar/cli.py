@@ -57,8 +57,10 @@ def _at_least(minimum: float):
     return check
 
 
-WindowOption = typer.Option(32, callback=_at_least(0), help="Recent tokens kept dense (the local window).")
-ChunkOption = typer.Option(256, callback=_at_least(1), help="Tokens moved from the window to the compressed store at once.")
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_4, _GIB = _at_least(1), _at_least(0), _at_least(4), _at_least(0.001)
+WindowOption = typer.Option(32, callback=_NON_NEGATIVE, help="Recent tokens kept dense (the local window).")
+ChunkOption = typer.Option(256, callback=_POSITIVE,
+                           help="Tokens moved from the window to the compressed store at once.")
 
 
 def _quiet(verbose: bool) -> None:
@@ -117,7 +119,7 @@ def generate(
     v_sparsity: float = typer.Option(0.5, help="Fraction of each Value vector zeroed, in [0, 1)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
-    max_new_tokens: int = typer.Option(128, callback=_at_least(1), help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(128, callback=_POSITIVE, help="Most tokens to generate."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (TextStreamer)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -172,13 +174,14 @@ def evaluate(
                                      show_default=FULL["tasks"]),
     context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens (LongBench: the "
                                                "middle-truncation length).", show_default=FULL["context_lengths"]),
-    samples: int | None = typer.Option(None, callback=_at_least(1), help="Samples per task and context length (LongBench: the first "
+    samples: int | None = typer.Option(None, callback=_POSITIVE,
+                                       help="Samples per task and context length (LongBench: the first "
                                        "N records).", show_default=str(FULL["samples"])),
     data_dir: Path | None = typer.Option(None, help="Directory of LongBench <task>.jsonl files (fields context, "
                                          "input, answers, all_classes, length, dataset)."),
     hub: bool = typer.Option(False, "--hub", help="Load LongBench from the Hugging Face hub (THUDM/LongBench; runs its "
                              "loading script: needs the package's `hub` extra, datasets<4, and network access)."),
-    max_new_tokens: int | None = typer.Option(None, callback=_at_least(1), help="Cap on the tokens generated per answer.",
+    max_new_tokens: int | None = typer.Option(None, callback=_POSITIVE, help="Cap on the tokens generated per answer.",
                                               show_default="each task's standard (RULER 30-128, LongBench 32-512)"),
     out: Path = typer.Option(Path("mustafar-eval"), help="Directory for samples.jsonl (per-sample results, read back "
                              "to resume), results.json and results.png."),
@@ -187,15 +190,16 @@ def evaluate(
     text_file: Path | None = typer.Option(None, help="UTF-8 text for perplexity and the RULER / niah haystacks.",
                                           show_default="the Python Language Reference shipped with Python"),
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
-    ppl_tokens: int = typer.Option(256, callback=_at_least(1), help="Continuation tokens scored per perplexity window."),
-    ppl_chunk: int = typer.Option(16, callback=_at_least(1), help="Tokens per decode forward when scoring perplexity (1 = exact "
+    ppl_tokens: int = typer.Option(256, callback=_POSITIVE, help="Continuation tokens scored per perplexity window."),
+    ppl_chunk: int = typer.Option(16, callback=_POSITIVE,
+                                  help="Tokens per decode forward when scoring perplexity (1 = exact "
                                   "token-by-token decoding)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    batch_size: int | None = typer.Option(None, callback=_at_least(1), help="Prompts prefilled and decoded "
+    batch_size: int | None = typer.Option(None, callback=_POSITIVE, help="Prompts prefilled and decoded "
                                           "together (left-padded, same results as 1).",
                                           show_default="auto: fills about half the free GPU memory on CUDA, 1 on CPU"),
     verbose: bool = VerboseOption,
@@ -320,7 +324,8 @@ def _model_info(lm, name: str) -> dict:
 def bench(
     shape: str | None = typer.Option(None, help="Model shape, random weights: llama3-8b, smollm2-135m, mistral-7b, "
                                      "qwen2.5-7b, tiny.", show_default="llama3-8b"),
-    layers: int | None = typer.Option(None, callback=_at_least(1), help="Keep only this many layers of the shape (quick runs)."),
+    layers: int | None = typer.Option(None, callback=_POSITIVE,
+                                      help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
                                        show_default="1,8,16,32"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
@@ -329,12 +334,13 @@ def bench(
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
                                      "decode loop on static caches).", show_default="generate,graph"),
-    new_tokens: int | None = typer.Option(None, callback=_at_least(4), help="Tokens generated per case.", show_default="32"),
+    new_tokens: int | None = typer.Option(None, callback=_AT_LEAST_4,
+                                          help="Tokens generated per case.", show_default="32"),
     quick: bool = typer.Option(False, "--quick", help="llama3-8b, batch 1 and 16, a 32768-token prompt, both modes "
                                "(about 4 minutes on an H200; explicit options win)."),
     capacity: bool = typer.Option(False, "--capacity", help="Find the largest batch that fits --budget-gib per "
                                   "setting and prompt, instead of the grid."),
-    budget_gib: float | None = typer.Option(None, callback=_at_least(0.001), help="Capacity memory budget (GiB, weights included).",
+    budget_gib: float | None = typer.Option(None, callback=_GIB, help="Capacity memory budget (GiB, weights included).",
                                             show_default="the device's memory"),
     capacity_prefill: str = typer.Option("one", help="Capacity probes: 'one' prefills one sequence and repeats its "
                                          "cache to the batch (the cache bounds the batch), 'batch' prefills the "

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "load_tokenizer", "check_device", "check_hub", "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME",
+__all__ = ["load_model", "load_tokenizer", "check_device", "check_hub",
+           "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME",
            "EMBEDDED_GGUF"]
 
 #: Display name of the default model.

@@ -21,6 +21,8 @@ from .config import suite_of
 __all__ = ["plot", "describe"]
 
 _SUITES = (("retrieval", "retrieval accuracy (%)"), ("ruler", "RULER score (%)"), ("longbench", "LongBench score (%)"))
+#: Horizontal shift between the lines of one panel, in settings (so that overlapping intervals stay apart).
+_DODGE = 0.06
 _MARKERS = {"dense": "s", "per-token": "o", "output-aware": "^", "per-channel": "v", "think": "D"}
 
 
@@ -91,11 +93,13 @@ def plot(path: Path, rows: list[dict], title: str = "mustafar eval") -> Path:
     lengths = sorted({r["context_length"] for r in rows})
     lines = list(_lines(rows))
     for axis, (panel, label) in zip(axes[0], panels):
-        for method, length, line in lines:
+        for number, (method, length, line) in enumerate(lines):
             line = sorted(line, key=lambda r: order.index(r["setting"]))
             simulated = any(r["simulated"] for r in line)
             tag = f"{method}{' (sim.)' if simulated else ''}" + (f" @ {length}" if len(lengths) > 1 else "")
-            xs, ys = [order.index(r["setting"]) for r in line], [_value(r, panel) for r in line]
+            dodge = _DODGE * (number - (len(lines) - 1) / 2)  # side by side: intervals stay readable
+            xs = [order.index(r["setting"]) + dodge for r in line]
+            ys = [_value(r, panel) for r in line]
             errors = [_error(r, panel) for r in line]
             axis.errorbar(xs, ys, yerr=[[e[0] for e in errors], [e[1] for e in errors]] if any(map(any, errors))
                           else None, label=tag, marker=_MARKERS.get(method, "o"), linestyle="--" if simulated else "-",
@@ -115,7 +119,8 @@ def plot(path: Path, rows: list[dict], title: str = "mustafar eval") -> Path:
             axis.set_ylim(0, 105)
         if axis.lines:
             axis.legend(fontsize=7)
-    fig.suptitle(f"{title}\n{describe(rows)}")
+    bars = "; error bars: 95 % intervals" if any(r.get("suites_ci") for r in rows) else ""
+    fig.suptitle(f"{title}\n{describe(rows)}{bars}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
