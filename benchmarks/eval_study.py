@@ -165,6 +165,7 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
     every (method, setting) (rows that stop early do not shorten a batch whose slowest row runs on).
     Off CUDA, batches are planned as :func:`auto_batch_size` would form them on an H200.
     """
+    start = time.perf_counter()
     text, token_ids = prepare_text(config, tokenizer)
     caches = len(run_configs(config))
     work = {"prompts": 0, "prefill_tokens": 0, "batches": 0, "decode_steps_max": 0, "fills": 0, "batch_sizes": []}
@@ -187,8 +188,9 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
             work["decode_steps_max"] += caches * math.ceil((config.ppl_tokens - 1) / config.ppl_chunk)
             work["fills"] += caches
     work["batches"] = len(work["batch_sizes"])
+    work["build_s"] = time.perf_counter() - start  # building the prompts (tokenizer work, on the CPU)
     work["estimate_s"] = (work["decode_steps_max"] * costs["decode_step_s"] + work["fills"] * costs["fill_s"]
-                          + work["prefill_tokens"] / costs["prefill_tokens_per_s"])
+                          + work["prefill_tokens"] / costs["prefill_tokens_per_s"] + work["build_s"])
     return work
 
 

@@ -201,7 +201,7 @@ def evaluate(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     batch_size: int | None = typer.Option(None, callback=_POSITIVE, help="Prompts prefilled and decoded "
                                           "together (left-padded, same results as 1).",
-                                          show_default="auto: fills about half the free GPU memory on CUDA, 1 on CPU"),
+                                          show_default="auto: about 60 % of the free GPU memory on CUDA, 1 on CPU"),
     verbose: bool = VerboseOption,
 ):
     """Accuracy (retrieval, RULER, LongBench, perplexity) and KV memory per pruning method and sparsity setting.

@@ -38,7 +38,7 @@ MAX_AUTO_BATCH = 128
 #: Rows per prefill forward (bounds the prefill's activations and attention mask; 8 x 8k tokens saturate a GPU).
 PREFILL_ROWS = 8
 #: Fraction of the free device memory :func:`auto_batch_size` plans to use.
-_MEMORY_FRACTION = 0.5
+_MEMORY_FRACTION = 0.6
 #: Copies of a token's K and V alive at once per row: the prefill's source, the filled cache, a concatenation.
 _KV_COPIES = 4
 #: Activation tensors of ``intermediate_size`` per token alive at once in a prefill MLP (gate, up, product).
@@ -215,7 +215,7 @@ def batched_greedy(model, cache: Cache, logits: torch.Tensor, batch: PaddedBatch
 
 
 def auto_batch_size(model, tokens: int, free_bytes: int | None = None) -> int:
-    """Rows per batch that fill about half the free memory of ``model``'s CUDA device; 1 on other devices.
+    """Rows per batch that fill about 60 % of the free memory of ``model``'s CUDA device; 1 on other devices.
 
     Per row and token: ``_KV_COPIES`` copies of all layers' K and V, plus the prefill MLP's
     activations; at most :data:`MAX_AUTO_BATCH`. ``free_bytes``: plan for a device with this

@@ -79,7 +79,7 @@ class EvalConfig:
         text_file: UTF-8 text for perplexity and the haystacks (default: the Python Language Reference).
         data_dir, hub: where LongBench data come from (``<task>.jsonl`` files, or ``THUDM/LongBench``).
         batch_size: prompts prefilled and decoded together (left-padded; results as with 1);
-            ``None``: as many as fill about half the free memory of a CUDA device, 1 elsewhere
+            ``None``: as many as fill about 60 % of the free memory of a CUDA device, 1 elsewhere
             (:func:`~.batched.auto_batch_size`). Not part of a result's key: a resumed run may change it.
     """
 
