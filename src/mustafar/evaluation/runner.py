@@ -12,8 +12,12 @@ through decode steps that read that cache:
   pruned at the same points, stored dense (``simulated``; saves no memory). Their
   observation queries are recorded during the prefill (:func:`~.simulate.observe_queries`).
 
+Prompts are batched (:mod:`.batched`, ``EvalConfig.batch_size``): all generation jobs of
+one context length, grouped by prompt length, left-padded, prefilled together and decoded
+together under each (method, setting); every row gives what its prompt gives alone.
+
 The KV bytes held and the dense bytes of the same tokens are read from the cache
-after the last step. Finished runs go to a :class:`~.results.ResultStore` at once
+after the last step (a batch's bytes, shared among its rows by real tokens). Finished runs go to a :class:`~.results.ResultStore` at once
 and are skipped when found there (resume).
 """
 
