@@ -14,7 +14,8 @@ together, left-padded) on the embedded SmolLM2-135M-Instruct, or ``--model``, an
   renders the same from the JSON, and the data sections of docs/EVALUATION.md).
 
 Progress: one line per ``--report-every`` seconds with the runs done, the rate and an ETA;
-``--time-budget-s`` stops cleanly (results kept, the same command resumes). ``--plan`` builds
+``--time-budget-s`` (counted from the start, model load included) stops cleanly after the
+(method, setting) in progress (results kept, the same command resumes). ``--plan`` builds
 every prompt, prints the batches and a run-time estimate (:func:`estimate`) and runs nothing;
 ``--smoke`` is a tiny run (2 tasks, 512 tokens, 2 samples) for CI.
 
@@ -56,7 +57,9 @@ SMOKE = {"tasks": ("niah_single_1", "vt"), "lengths": (512,), "samples": 2, "ppl
          "max_new_tokens": 6, "methods": ("per-token", "think"), "settings": ("dense", "K0.5V0.5")}
 #: Free memory of an H200 for planning a GPU run on another machine (139 GiB visible, weights and context taken).
 H200_FREE_BYTES = 135 * 2**30
-#: Assumed H200 costs behind :func:`estimate` (SmolLM2-135M, bf16, eager); replace by the rates a run prints.
+#: Assumed H200 costs behind :func:`estimate` (SmolLM2-135M, bf16, eager; not measured: no GPU run yet): one
+#: decode step of a ~92-row batch over 30 layers (Python-bound, ~1 ms per layer), prefill throughput, building one
+#: setting's cache from the prefill, and start-up (GGUF conversion, CUDA kernel compilation ~35 s, CUDA context).
 GPU_COSTS = {"decode_step_s": 0.035, "prefill_tokens_per_s": 250_000.0, "fill_s": 0.15, "startup_s": 75.0}
 
 
@@ -109,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args) -> list[EvalConfig]:
-    """The generation run (all lengths) and the perplexity run (``--ppl-length``), as EvalConfigs."""
+    """The perplexity run (``--ppl-length``, if any) and the generation run (all lengths), as EvalConfigs."""
     try:
         settings = tuple(dict.fromkeys(parse_setting(s, window=args.window, chunk=args.chunk) for s in args.settings))
     except ValueError as error:
@@ -118,8 +121,8 @@ def configs(args) -> list[EvalConfig]:
     common = dict(settings=settings, methods=args.methods, seed=args.seed, batch_size=args.batch_size,
                   max_new_tokens_cap=args.max_new_tokens, ppl_tokens=args.ppl_tokens)
     out = [EvalConfig(tasks=args.tasks, context_lengths=args.lengths, samples=args.samples, **common)]
-    if args.ppl_length:
-        out.append(EvalConfig(tasks=("ppl",), context_lengths=(args.ppl_length,), samples=1, **common))
+    if args.ppl_length:  # first: short, and kept whole if the time budget stops the run
+        out.insert(0, EvalConfig(tasks=("ppl",), context_lengths=(args.ppl_length,), samples=1, **common))
     return out
 
 
@@ -137,10 +140,12 @@ class _OverBudget(Exception):
 class ProgressStore(ResultStore):
     """A :class:`ResultStore` that prints progress with an ETA and stops after ``budget_s`` seconds."""
 
-    def __init__(self, path, fingerprint, fresh, total: int, every_s: float, budget_s: float | None):
+    def __init__(self, path, fingerprint, fresh, total: int, every_s: float, budget_s: float | None,
+                 start: float | None = None):
         super().__init__(path, fingerprint, fresh=fresh)
         self.total, self.every_s, self.budget_s = total, every_s, budget_s
-        self.start = self.last = time.perf_counter()
+        self.start = start if start is not None else time.perf_counter()  # the budget counts from here
+        self.last = time.perf_counter()
         self.first, self.new = len(self), 0
 
     def append(self, result) -> None:
@@ -211,16 +216,20 @@ def main(argv=None) -> int:
             "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None}
     print(f"model {name} {args.dtype} on {model.device}, loaded in {load_s:.1f} s", flush=True)
     if args.plan:
+        total_s = GPU_COSTS["startup_s"]
         for config in study_configs:
             work = estimate(model, tokenizer, config, batch_size=args.batch_size)
+            total_s += work["estimate_s"]
             print(json.dumps({k: v for k, v in work.items() if k != "batch_sizes"}), "batch sizes",
                   work["batch_sizes"], flush=True)
+        print(f"estimated run time on an H200: {total_s:.0f} s (upper bound on decode steps; assumed costs "
+              f"{GPU_COSTS})", flush=True)
         return 0
     total = sum(units(c) for c in study_configs)
     fingerprint = {"model": name, "dtype": args.dtype, "window": args.window, "chunk": args.chunk,
                    "max_new_tokens_cap": args.max_new_tokens, "ppl_tokens": args.ppl_tokens}
     store = ProgressStore(args.out / "samples.jsonl", fingerprint, args.fresh, total, args.report_every,
-                          args.time_budget_s)
+                          args.time_budget_s, start)
     print(f"{total} runs ({len(store)} already in {args.out / 'samples.jsonl'})", flush=True)
     complete = True
     try:
