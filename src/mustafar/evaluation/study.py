@@ -34,6 +34,8 @@ COMPARISONS = {
     "per-token vs think": lambda m, s: ("think", s) if m == "per-token" else None,
     "keys 0.5 vs values 0.5": lambda m, s: (m, "K0V0.5") if s == "K0.5V0" else None,
     "0.8 vs 0.7": lambda m, s: (m, "K0.7V0.7") if s == "K0.8V0.8" else None,
+    "fp8 vs fp16 kept values": lambda m, s: (None if not s.endswith("-fp8") else
+                                             ("dense", "dense") if s == "K0V0-fp8" else (m, s[:-len("-fp8")])),
 }
 
 
