@@ -174,12 +174,15 @@ def fill_batch(cache: Cache, source: DynamicCache, batch: PaddedBatch) -> Cache:
 @torch.inference_mode()
 def batched_greedy(model, cache: Cache, logits: torch.Tensor, batch: PaddedBatch, max_new_tokens: Sequence[int],
                    eos_token_ids: set[int] = frozenset(),
-                   stops: Sequence[Callable[[list[int]], bool] | None] | None = None) -> list[list[int]]:
+                   stops: Sequence[Callable[[list[int]], bool] | None] | None = None,
+                   on_done: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Greedy tokens per row after a prefill whose next-token ``logits [batch, vocab]`` are given.
 
     Row ``r`` stops after ``max_new_tokens[r]`` tokens, at a token in ``eos_token_ids`` (not
     returned) or when ``stops[r](tokens_so_far)`` is true: the rule of
-    :func:`mustafar.generation.greedy_decode`, per row.
+    :func:`mustafar.generation.greedy_decode`, per row. ``on_done(r, fed)`` is called when row
+    ``r`` stops, with the tokens fed to the cache so far (what the cache holds beyond the prompt,
+    as it would for that prompt alone), before any further step.
 
     Raises:
         ValueError: ``max_new_tokens`` (or ``stops``) not one entry per row, or an entry < 1.
@@ -199,12 +202,13 @@ def batched_greedy(model, cache: Cache, logits: torch.Tensor, batch: PaddedBatch
         for r in range(rows):
             if not active[r]:
                 continue
-            if chosen[r] in eos_token_ids:
+            if chosen[r] not in eos_token_ids:
+                tokens[r].append(chosen[r])
+            if chosen[r] in eos_token_ids or (stops[r] is not None and stops[r](tokens[r])) \
+                    or len(tokens[r]) == max_new_tokens[r]:
                 active[r] = False
-                continue
-            tokens[r].append(chosen[r])
-            if (stops[r] is not None and stops[r](tokens[r])) or len(tokens[r]) == max_new_tokens[r]:
-                active[r] = False
+                if on_done is not None:
+                    on_done(r, step)
         if not any(active):
             break
         if mask is not None:

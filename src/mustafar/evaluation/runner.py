@@ -17,7 +17,8 @@ one context length, grouped by prompt length, left-padded, prefilled together an
 together under each (method, setting); every row gives what its prompt gives alone.
 
 The KV bytes held and the dense bytes of the same tokens are read from the cache
-after the last step (a batch's bytes, shared among its rows by real tokens). Finished runs go to a :class:`~.results.ResultStore` at once
+when each row stops (a row's share of its batch's bytes: see :func:`_row_bytes`).
+Finished runs go to a :class:`~.results.ResultStore` at once
 and are skipped when found there (resume).
 """
 
@@ -116,15 +117,16 @@ def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: Res
                             f"{setting.name}")
         start = time.perf_counter()
         cache = fill_batch(make_eval_cache(setting, queries, batch.pads), source, batch)
-        outputs = batched_greedy(model, cache, logits, batch, [job.max_new_tokens for job in jobs], eos, stops)
+        nbytes: dict[int, tuple[int, int]] = {}
+        outputs = batched_greedy(model, cache, logits, batch, [job.max_new_tokens for job in jobs], eos, stops,
+                                 on_done=lambda row, fed: nbytes.__setitem__(row, _row_bytes(cache, batch, row, fed)))
         seconds = (time.perf_counter() - start) / len(jobs)
-        held, dense = _kv_bytes(cache)
         for row, (job, tokens) in enumerate(zip(jobs, outputs)):
             if keys[id(job)][setting] in store:
                 continue
             _store_sample(store, job, setting, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens),
-                          _row_bytes(held, dense, batch, row), seconds, prefill_s, config.seed,
-                          isinstance(cache, SimulatedCache))
+                          nbytes[row] if row in nbytes else _row_bytes(cache, batch, row, max(0, len(tokens) - 1)),
+                          seconds, prefill_s, config.seed, isinstance(cache, SimulatedCache))
             bar.update()
 
 
@@ -144,16 +146,18 @@ def _run_length(model, tokenizer, todo: list[Job], config: EvalConfig, store: Re
         _run_batch(model, tokenizer, [todo[i] for i in group], config, store, bar)
 
 
-def _row_bytes(held: int, dense: int, batch, row: int) -> tuple[int, int]:
-    """A row's share of a batch's KV bytes: an unpadded batch splits evenly (each row is held alike).
+def _row_bytes(cache, batch, row: int, fed: int) -> tuple[int, int]:
+    """``(held, dense)`` KV bytes of batch row ``row`` when it stopped, ``fed`` tokens after its prompt.
 
-    A padded batch holds its padding too: the row's share is scaled to its real tokens
-    (``held * real / all``), the bytes that prompt alone would hold up to the store's rounding.
+    Dense bytes are exactly those of that prompt alone (``prompt + fed`` tokens, at the bytes per
+    token of the batch, which holds ``width + fed`` per row, padding included). Held bytes apply
+    the batch's held / dense ratio to them: exact for an unpadded batch; with padding, the store
+    / window split is the batch's (the store moves at the smallest row boundary).
     """
-    n = batch.input_ids.shape[1]
-    total = sum(n - p for p in batch.pads) if batch.padded else n * batch.rows
-    real = n - batch.pads[row]
-    return round(held * real / total), round(dense * real / total)
+    held, dense = _kv_bytes(cache)
+    width = batch.input_ids.shape[1]
+    alone = dense * (width - batch.pads[row] + fed) / (batch.rows * (width + fed))
+    return round(held / dense * alone) if dense else 0, round(alone)
 
 
 def _store_sample(store, job: Job, setting: SparsityConfig, output: str, new_tokens: int, nbytes: tuple[int, int],
