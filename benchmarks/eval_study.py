@@ -44,7 +44,7 @@ from mustafar.config import parse_setting
 from mustafar.evaluation import EvalConfig, ResultStore, run_eval
 from mustafar.evaluation.batched import auto_batch_size, length_batches
 from mustafar.evaluation.ruler import RULER_TASKS
-from mustafar.evaluation.runner import _jobs, prepare_text, run_configs
+from mustafar.evaluation.runner import prepare_text, run_configs, task_jobs
 from mustafar.evaluation.study import write_outputs
 
 METHODS = ("per-token", "per-channel", "output-aware", "think")
@@ -64,12 +64,12 @@ GPU_COSTS = {"decode_step_s": 0.035, "prefill_tokens_per_s": 250_000.0, "fill_s"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF id, directory or .gguf; default: the embedded model")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--out", type=Path, default=Path("study"))
+    parser.add_argument("--out", type=Path, default=Path("study"), help="output directory; default ./study")
     parser.add_argument("--tasks", default=None, help="comma-separated; default: the 11 RULER tasks")
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths; default 4096,8192")
     parser.add_argument("--samples", type=int, default=None, help="samples per task and length; default 25")
@@ -79,11 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ppl-length", type=int, default=None, help="perplexity window (0: none); default 8192")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer cap; default 48 (UUIDs need ~36)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: auto (fills the GPU; 1 on CPU)")
-    parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=32, help="dense local window; default 32")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens moved to the store at once; default 256")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the RULER data; default 0")
     parser.add_argument("--time-budget-s", type=float, default=None, help="stop cleanly after this long (resume)")
-    parser.add_argument("--report-every", type=float, default=15.0, help="seconds between progress lines")
+    parser.add_argument("--report-every", type=float, default=15.0, help="seconds between progress lines; default 15")
     parser.add_argument("--verbose", action="store_true", help="show transformers' loading bars and warnings")
     parser.add_argument("--fresh", action="store_true", help="discard the results already in --out")
     parser.add_argument("--plan", action="store_true", help="print batches and an estimate; run nothing")
@@ -175,7 +175,7 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
     caches = len(run_configs(config))
     work = {"prompts": 0, "prefill_tokens": 0, "batches": 0, "decode_steps_max": 0, "fills": 0, "batch_sizes": []}
     for length in config.context_lengths:
-        jobs = [j for t in config.tasks if t != "ppl" for j in _jobs(tokenizer, config, t, length, text)]
+        jobs = [j for t in config.tasks if t != "ppl" for j in task_jobs(tokenizer, config, t, length, text)]
         if not jobs:
             continue
         lengths = [j.input_ids.shape[1] for j in jobs]

@@ -43,7 +43,7 @@ from .tasks import niah_samples, passkey_samples
 from .texts import load_text
 
 __all__ = ["EvalConfig", "SampleResult", "run_eval", "run_configs", "make_eval_cache", "method_label", "prepare_text",
-           "TASKS"]
+           "task_jobs", "TASKS"]
 #: Distinct words a RULER haystack text must hold (:func:`~.ruler.ruler_samples` checks it too).
 _RULER_MIN_WORDS = 100
 
@@ -193,7 +193,8 @@ def _perplexity(model, token_ids, config: EvalConfig, length: int, store: Result
             bar.update()
 
 
-def _jobs(tokenizer, config: EvalConfig, task: str, length: int, text: str | None) -> list[Job]:
+def task_jobs(tokenizer, config: EvalConfig, task: str, length: int, text: str | None) -> list[Job]:
+    """The generation jobs of ``task`` at context ``length`` under ``config`` (``text``: from :func:`prepare_text`)."""
     cap = config.max_new_tokens_cap
     if task in RULER_TASKS:
         return ruler_jobs(tokenizer, task, length, config.samples, config.seed, text, cap)
@@ -251,7 +252,7 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
     store = store if store is not None else ResultStore(None)
     text, token_ids = prepare_text(config, tokenizer)
-    jobs = {(task, n): _jobs(tokenizer, config, task, n, text) for n in config.context_lengths
+    jobs = {(task, n): task_jobs(tokenizer, config, task, n, text) for n in config.context_lengths
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:
         for length in config.context_lengths:
