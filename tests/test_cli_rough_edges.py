@@ -45,6 +45,7 @@ def test_quiet_loading_unless_verbose():
     from transformers.utils import logging as hf_logging
 
     try:
+        hf_logging.enable_progress_bar()  # an earlier command in this process may have turned it off
         _quiet(True)
         assert hf_logging.is_progress_bar_enabled()
         _quiet(False)
