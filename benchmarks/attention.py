@@ -37,7 +37,7 @@ from mustafar.format import BitmapKV, bytes_per_token
 from mustafar.ops import compress_into, sparse_decode_attention
 from mustafar.reference import compress_reference
 
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2-135m": (9, 3, 64)}
 WINDOW = 32
 L2_BYTES = 60 << 20
 ROTATE_BYTES = 4 * L2_BYTES
@@ -169,15 +169,16 @@ def bench_compress(name, batch, sparsity, backends, read_bw, tokens=4096):
     for backend in backends:
         def fn(b=backend):
             x, store = next_set()
-            compress_into(x, sparsity, store._values, store._bitmaps, 0, backend=b)
+            compress_into(x, sparsity, *store.storage, 0, backend=b)
         t = do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
         row[f"{backend}_us"] = t * 1e6
         row[f"{backend}_read_fraction"] = in_bytes / t / read_bw
         x, store = sets[0]
-        compress_into(x, sparsity, store._values, store._bitmaps, 0, backend=backend)
+        compress_into(x, sparsity, *store.storage, 0, backend=backend)
         ref_v, ref_b = compress_reference(x, sparsity)
-        row[f"{backend}_exact"] = bool(torch.equal(store._values[:, :, :tokens], ref_v)
-                                       and torch.equal(store._bitmaps[:, :, :tokens], ref_b))
+        values, bitmaps = store.storage
+        row[f"{backend}_exact"] = bool(torch.equal(values[:, :, :tokens], ref_v)
+                                       and torch.equal(bitmaps[:, :, :tokens], ref_b))
     return row
 
 

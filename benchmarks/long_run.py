@@ -22,7 +22,7 @@ forward at a time. Verdicts (printed, and written to ``long_run.json`` in ``--ou
   is reported too. CUDA: wall time after a synchronisation; CPU: this thread's
   CPU time with torch on one thread, which other processes barely disturb.
 
-The test suite runs this on the CPU with fewer steps (tests/test_hardening_long_run.py).
+The test suite runs this on the CPU with fewer steps (tests/test_bench_long_run.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import transformers
 
 import mustafar
 from mustafar import MustafarCache, bytes_per_token, dense_bytes_per_token
-from mustafar.attention import _LINKS
+from mustafar.attention import linked_count
 from mustafar.format import CAPACITY_GRANULE, GROWTH, BitmapKV
 from mustafar.ops import sparse_decode_attention
 
@@ -135,7 +135,7 @@ def checkpoint(cache, capacity, device, exclude, base, slack=SLACK_BYTES) -> dic
     in_use = live_bytes(device, exclude) - base
     return {"tokens": cache.get_seq_length(), "nbytes": cache.nbytes, "expected_nbytes": expected["held"],
             "allocated_nbytes": cache.allocated_nbytes, "expected_allocated": expected["allocated"],
-            "in_use_beyond_cache": in_use - cache.allocated_nbytes, "links": len(_LINKS),
+            "in_use_beyond_cache": in_use - cache.allocated_nbytes, "links": linked_count(),
             "ok": cache.nbytes == expected["held"] and cache.allocated_nbytes == expected["allocated"]
             and in_use - cache.allocated_nbytes <= slack}
 

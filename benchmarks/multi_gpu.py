@@ -1,8 +1,8 @@
 """The sparse cache on two GPUs: tensor parallelism (``tp``) and layers split by ``device_map`` (issue 6).
 
-Usage (repository root, a machine with 2 GPUs; prebuild the CUDA extension once, as gpu_run.sh does)::
+Usage (repository root, a machine with 2 GPUs; prebuild the CUDA extension once, as the runner's ``build`` does)::
 
-    export PYTHONPATH=src TORCH_EXTENSIONS_DIR=/tmp/mustafar-ext   # or: bash benchmarks/multi_gpu_run.sh tp|device-map
+    export PYTHONPATH=src TORCH_EXTENSIONS_DIR=/tmp/mustafar-ext   # or: python benchmarks/run_gpu.py build tp|device-map
     torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu.py tp --out /tmp/out/tp.json
     python benchmarks/multi_gpu.py device-map --out /tmp/out/device_map.json
 
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import mustafar  # noqa: E402
-from mustafar.bench.models import SHAPES, build_config, model_dims, resolve_dtype  # noqa: E402
-from mustafar.generation import cache_kwargs, kv_nbytes  # noqa: E402
+from mustafar.bench.models import SHAPES, build_config, model_dims  # noqa: E402
+from mustafar.generation import cache_kwargs, kv_bytes, parse_dtype  # noqa: E402
 
 MODES = ("tp", "device-map")
 _ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "WORLD_SIZE", "RANK",
@@ -128,7 +128,8 @@ def run_cache(model, prompt, make_cache, new_tokens: int) -> tuple[dict, torch.T
     base = {str(d): torch.cuda.memory_allocated(d) for d in cuda}
     cache = make_cache()
     timed, seconds = generate(model, prompt, cache, new_tokens)
-    tokens, (held, dense) = out.sequences[:, prompt.shape[1]:], kv_nbytes(cache)
+    kv = kv_bytes(cache)
+    tokens, (held, dense) = out.sequences[:, prompt.shape[1]:], (kv.held, kv.dense)
     summary = {
         "tokens": tokens.tolist(), "distinct_tokens": int(tokens.unique().numel()),
         "timed_run_same_tokens": bool(torch.equal(timed.sequences, out.sequences)),
@@ -214,7 +215,7 @@ def environment(args, world: int) -> dict:
 def reference(config, state, prompt, args, device) -> tuple[dict, dict]:
     """The one-device reference: a plain model loaded with ``state``; returns (summaries, logits); frees it."""
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(args.dtype),
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=parse_dtype(args.dtype),
                                                               attn_implementation="mustafar")
     model.load_state_dict(state, strict=True)
     summaries, logits, _ = run_pair(model.eval(), prompt.to(device), args)
@@ -226,7 +227,7 @@ def reference(config, state, prompt, args, device) -> tuple[dict, dict]:
 
 def load_multi(config, state, args):
     """The model under test, from ``state``: tensor-parallel (``tp``) or split by ``device_map``."""
-    kwargs = dict(config=config, state_dict=state, dtype=resolve_dtype(args.dtype), attn_implementation="mustafar")
+    kwargs = dict(config=config, state_dict=state, dtype=parse_dtype(args.dtype), attn_implementation="mustafar")
     if args.mode == "tp":
         from transformers.distributed import DistributedConfig
 
@@ -240,7 +241,7 @@ def load_multi(config, state, args):
 def setup(args, device: torch.device):
     """``(config, random state dict on the host, prompt [batch, prompt_len] int64 on the host)``."""
     config = build_config(args.shape, args.layers)
-    state = random_state_dict(config, resolve_dtype(args.dtype), device, args.init_std, args.seed)
+    state = random_state_dict(config, parse_dtype(args.dtype), device, args.init_std, args.seed)
     prompt = torch.randint(config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(args.seed))
     return config, state, prompt

@@ -17,7 +17,6 @@ for dtype, d in ((torch.float16, 128), (torch.bfloat16, 64)):
     out = sparse_decode_attention(q, keys, values, kw, vw, backend="cuda", attention_mask=mask)
     out2 = sparse_decode_attention(q, keys, values, kw, vw, backend="cuda")
     store = BitmapKV.empty(2, 2, d, 0.5, dtype, "cuda", capacity=100)
-    compress_into(torch.randn(2, 2, 77, d, device="cuda", dtype=dtype), 0.5, store._values, store._bitmaps, 3,
-                  backend="cuda")
+    compress_into(torch.randn(2, 2, 77, d, device="cuda", dtype=dtype), 0.5, *store.storage, 3, backend="cuda")
     torch.cuda.synchronize()
     print(dtype, d, "finite:", bool(torch.isfinite(out).all() and torch.isfinite(out2).all()))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import save_tiny_model, tiny_tokenizer
+from helpers import save_tiny_model, tiny_tokenizer
 
 import mustafar
 from mustafar.config import SparsityConfig

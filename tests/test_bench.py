@@ -11,10 +11,10 @@ from transformers import StaticCache
 
 import mustafar
 from mustafar.bench import BenchConfig, Probe, find_max_batch, generate_decode, graph_decode, run_bench
-from mustafar.bench.caches import kv_stats, make_cache
-from mustafar.bench.decode import DecodeStep, cache_kwargs, prefill
+from mustafar.bench.decode import DecodeStep, first_tokens
 from mustafar.bench.memory import predict_bytes
 from mustafar.bench.models import build_model, model_dims, weight_bytes
+from mustafar.generation import cache_kwargs, kv_bytes, make_cache
 
 SMALL = dict(shape="tiny", batches=(1,), prompts=(48,), new_tokens=4, window=8, chunk=16, device="cpu",
              dtype="float32", warmup=False, ttft_repeats=1, op_repeats=2)
@@ -62,8 +62,10 @@ def test_graph_decode_static_mustafar_cache_equals_generate(model):
 def test_generate_decode_equals_generate(model, setting):
     prompt, new = _prompt(2, 45), 5
     config = mustafar.parse_setting(setting, window=8, chunk=16)
-    tokens, timings = generate_decode(model, make_cache("generate", config, model, 2, 50), prompt, new)
-    assert torch.equal(tokens, _generate(model, prompt, new, make_cache("generate", config, model, 2, 50)))
+    tokens, timings = generate_decode(model, make_cache(config, "generate", model=model, batch=2, max_tokens=50),
+                                      prompt, new)
+    assert torch.equal(tokens, _generate(model, prompt, new, make_cache(config, "generate", model=model, batch=2,
+                                                                         max_tokens=50)))
     assert timings.timed_steps == new - 1
 
 
@@ -98,7 +100,7 @@ def test_decode_step_reads_nothing_on_the_host(model, kind):
         cache = mustafar.StaticMustafarCache(model.config, batch_size=2, max_tokens=48, window=8,
                                              dtype=torch.float32, device="cpu", backend="torch")
     with torch.inference_mode():
-        step = DecodeStep(model, cache, prefill(model, cache, prompt), prompt.shape[1], new_tokens=4)
+        step = DecodeStep(model, cache, first_tokens(model, cache, prompt), prompt.shape[1], new_tokens=4)
         with _HostSyncs() as syncs:
             step()
     assert syncs.seen == []
@@ -150,11 +152,11 @@ def test_predicted_kv_matches_the_static_caches(model):
     dims, batch, prompt, new = model_dims(model.config), 2, 100, 5
     for setting in ("dense", "K0.5V0.7"):
         config = mustafar.parse_setting(setting, window=8)
-        cache = make_cache("graph", config, model, batch, prompt + new)
+        cache = make_cache(config, "graph", model=model, batch=batch, max_tokens=prompt + new)
         with torch.inference_mode():
-            prefill(model, cache, _prompt(batch, prompt))
+            first_tokens(model, cache, _prompt(batch, prompt))
         predicted = predict_bytes(dims, config, "graph", batch, prompt, new, torch.float32)["kv"]
-        assert predicted == pytest.approx(kv_stats(cache)["kv_bytes"], rel=0.05)
+        assert predicted == pytest.approx(kv_bytes(cache).held, rel=0.05)
 
 
 def _fake_probe(weights, per_sequence, budget):
@@ -240,8 +242,8 @@ def test_capacity_probe_one_sequence_prefill_repeats_the_cache(model, setting, m
     seen = {}
     real = capacity.make_cache
 
-    def spy(mode, sparsity, model_, batch, max_tokens, backend="auto"):
-        seen["cache"] = real(mode, sparsity, model_, batch, max_tokens, backend)
+    def spy(sparsity, mode, *, model, batch, max_tokens, backend="auto"):
+        seen["cache"] = real(sparsity, mode, model=model, batch=batch, max_tokens=max_tokens, backend=backend)
         seen["rows"] = batch
         return seen["cache"]
 

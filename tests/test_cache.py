@@ -13,14 +13,24 @@ import weakref
 
 import pytest
 import torch
+from helpers import BATCH, DIM, HEADS, filled_cache, states
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaModel
 
 import mustafar
-from mustafar import MustafarCache, SparsityConfig, bytes_per_token, dense_bytes_per_token, prune_per_token
+import mustafar.models
+from mustafar import (
+    MustafarCache,
+    SparsityConfig,
+    StaticMustafarCache,
+    bytes_per_token,
+    dense_bytes_per_token,
+    prune_per_token,
+)
 from mustafar.cache import MustafarLayer
+from mustafar.ops import UnsupportedHardwareError
 from mustafar.reference import decode_attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -355,3 +365,64 @@ def test_cuda_generate(dtype):
         logits.append(model(token, **{CACHE: kv}).logits.float())
     error, dense_error = ((x - logits[2]).abs().max().item() for x in logits[:2])
     assert error <= 2 * dense_error + 1e-4
+
+
+@pytest.mark.parametrize("value", [
+    lambda: torch.randn(BATCH, HEADS, 4, DIM),          # another token count
+    lambda: torch.randn(BATCH, HEADS + 1, 5, DIM),      # another head count
+    lambda: torch.randn(BATCH, HEADS, 5, DIM).half(),   # another dtype
+    lambda: torch.randn(BATCH - 1, HEADS, 5, DIM),      # another batch
+], ids=["tokens", "heads", "dtype", "batch"])
+def test_first_update_refuses_values_unlike_keys(value):
+    cache = MustafarCache(0.5, 0.5, window=2, chunk=4)
+    with pytest.raises(ValueError, match=r"value_states must match key_states \[batch, kv_heads, n, head_dim\] "
+                                         r"\(3, 2, 5, 16\) torch.float32 on cpu, got"):
+        cache.update(torch.randn(BATCH, HEADS, 5, DIM), value(), 0)
+    assert cache.get_seq_length() == 0 and not cache.layers[0].is_initialized
+
+
+def test_later_update_refuses_values_unlike_keys():
+    cache = filled_cache(layers=1)
+    with pytest.raises(ValueError, match=r"value_states must match key_states.*\(3, 2, 1, 16\).*got \(3, 2, 2, 16\)"):
+        cache.update(torch.randn(BATCH, HEADS, 1, DIM), torch.randn(BATCH, HEADS, 2, DIM), 0)
+    assert cache.get_seq_length() == 12
+
+
+def test_update_refuses_states_on_another_device():
+    cache = filled_cache(layers=1)
+    with pytest.raises(ValueError, match=r"key_states and value_states must be on the device of MustafarCache layer 0, "
+                                         r"cpu, got meta"):
+        cache.update(*states(tokens=1, device="meta"), 0)
+    static = StaticMustafarCache(max_tokens=32, window=4)
+    static.update(*states(tokens=6), 0)
+    static.layers[0].consume()
+    with pytest.raises(ValueError, match=r"must be on the device of StaticMustafarCache layer 0, cpu, got meta"):
+        static.update(*states(tokens=1, device="meta"), 0)
+
+
+@pytest.mark.parametrize("cache", [lambda: MustafarCache(), lambda: StaticMustafarCache(max_tokens=16)],
+                         ids=["dynamic", "static"])
+@pytest.mark.parametrize("layer_idx, error, match", [
+    (-1, ValueError, r"layer_idx must be an int >= 0 \(the model layer\), got -1"),
+    (1.0, TypeError, r"layer_idx must be an int >= 0 \(the model layer\), got float 1.0"),
+    (True, TypeError, r"layer_idx must be an int >= 0 \(the model layer\), got bool True"),
+    ("0", TypeError, r"layer_idx must be an int >= 0 \(the model layer\), got str '0'"),
+])
+def test_update_refuses_bad_layer_idx(cache, layer_idx, error, match):
+    with pytest.raises(error, match=match):
+        cache().update(*states(), layer_idx=layer_idx)
+
+
+@pytest.mark.parametrize("make", [lambda b: MustafarCache(backend=b),
+                                  lambda b: StaticMustafarCache(max_tokens=8, backend=b)], ids=["dynamic", "static"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unavailable_backend_is_refused_at_construction(monkeypatch, make, backend):
+    monkeypatch.setattr(mustafar.ops, "available_backends", lambda: ["torch"])
+    with pytest.raises(UnsupportedHardwareError, match=rf"backend='{backend}' cannot run on this machine: it needs "
+                                                       r".*available here: \['torch'\]"):
+        make(backend)
+    assert issubclass(UnsupportedHardwareError, RuntimeError)
+    monkeypatch.setattr(mustafar.ops, "available_backends", lambda: ["torch", "triton", "cuda"])
+    assert make(backend).backend == backend
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make("gpu")

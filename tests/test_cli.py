@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from tiny_model import save_tiny_model
+from helpers import plain, save_tiny_model
 from typer.testing import CliRunner
 
-from mustafar.cli import app
+from mustafar.cli import _eval_config, app
+from mustafar.evaluation.texts import load_text
 
 runner = CliRunner()
 EVAL_ARGS = ["--context-lengths", "256,320", "--samples", "2", "--ppl-tokens", "24", "--ppl-chunk", "5",
@@ -116,3 +117,53 @@ def test_eval_bad_arguments(model_dir, tmp_path, args, code):
     base = ["eval", "--model", model_dir, "--out", str(tmp_path), "--no-progress"]
     result = runner.invoke(app, base + args)
     assert result.exit_code == code, result.output
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval", "--tasks", "passkey"], ["bench", "--shape", "tiny"]])
+@pytest.mark.parametrize("device, message", [("cuda", "needs CUDA"), ("nope", "device must be a torch device name"),
+                                             ("meta", "device must hold data")])
+def test_cli_refuses_bad_devices_up_front(no_cuda, no_model_load, model_dir, tmp_path, command, device, message):
+    extra = ["--out", str(tmp_path)] if command[0] != "generate" else ["--model", model_dir]
+    result = runner.invoke(app, [*command, *extra, "--device", device])
+    assert result.exit_code == 2, result.output
+    assert "--device" in result.output and message in plain(result.output)
+
+
+@pytest.mark.parametrize("option", ["--settings", "--tasks", "--context-lengths", "--methods"])
+def test_eval_refuses_explicitly_empty_lists(no_model_load, model_dir, tmp_path, option):
+    result = runner.invoke(app, ["eval", "--model", model_dir, "--out", str(tmp_path), option, ""])
+    assert result.exit_code == 2, result.output
+    assert "must not be empty" in plain(result.output)
+
+
+def test_eval_checks_the_text_file_before_loading(no_model_load, model_dir, tmp_path):
+    base = ["eval", "--model", model_dir, "--out", str(tmp_path / "out"), "--tasks", "ppl", "--no-progress"]
+    result = runner.invoke(app, [*base, "--text-file", str(tmp_path)])
+    assert result.exit_code == 2 and "text_file must be a UTF-8 text file, got the directory" in plain(result.output)
+    text = tmp_path / "short.txt"
+    text.write_text("A short text of plain English words for the perplexity task. " * 4)
+    result = runner.invoke(app, [*base, "--text-file", str(text), "--context-lengths", "1024", "--ppl-tokens", "8"])
+    assert result.exit_code == 2, result.output
+    assert "must hold at least 1024 tokens for a context length of 1024" in plain(result.output)
+    with pytest.raises(IsADirectoryError, match="text_file must be a UTF-8 text file, got the directory"):
+        load_text(tmp_path)
+
+
+def test_eval_drops_duplicate_settings_methods_and_lengths():
+    config = _eval_config("dense,K0.5V0.5,dense,K0.5V0.5", "passkey,passkey", "256,512,256", None, False, window=4,
+                          chunk=16, methods="per-token,think,per-token", ppl_tokens=8, ppl_chunk=4, text_file=None,
+                          max_new_tokens_cap=None, data_dir=None, hub=False, seed=0)
+    assert [s.name for s in config.settings] == ["dense", "K0.5V0.5"]
+    assert config.methods == ("per-token", "think") and config.tasks == ("passkey",)
+    assert config.context_lengths == (256, 512)
+
+
+@pytest.mark.parametrize("args, option, message", [
+    (["--capacity", "--prompts", "8"], "--budget-gib", "needs a budget"),
+    (["--capacity", "--budget-gib", "1", "--capacity-prefill", "ONE"], "--capacity-prefill", "must be one of one, batch"),
+    (["--settings", "K0.5V0.5,K0.50V0.50"], "", "settings must be distinct"),
+])
+def test_bench_refuses_bad_capacity_options_up_front(no_cuda, args, option, message, tmp_path):
+    result = runner.invoke(app, ["bench", "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert option in plain(result.output) and message in plain(result.output)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mustafar
 from mustafar import SETTINGS, SparsityConfig, parse_setting
 
 SPARSITY = st.floats(0.0, 1.0, exclude_max=True) | st.just(-0.0)
@@ -116,3 +117,11 @@ def test_parse_not_a_string(name):
 def test_bad_fields(kwargs, error, field):
     with pytest.raises(error, match=field):
         SparsityConfig(**kwargs)
+
+
+def test_setting_names_are_ascii():
+    for name in ("K０.5V0.5", "K٠.5V0.5"):
+        with pytest.raises(ValueError, match="K0.5V0.5"):
+            mustafar.parse_setting(name)
+    with pytest.raises(TypeError, match="method"):
+        mustafar.SparsityConfig(0.5, 0.5, method=["per-token"])

@@ -5,7 +5,7 @@ import json
 import pathlib
 
 import pytest
-from tiny_model import save_tiny_model
+from helpers import save_tiny_model
 
 from mustafar.evaluation.study import update_sections
 

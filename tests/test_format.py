@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import randn, random_stores
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mustafar
-from mustafar.format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from mustafar import compress, prune_per_token
+from mustafar.format import BitmapKV, bytes_per_token, dense_bytes_per_token, unpack_bitmaps
 from mustafar.pruning import keep_count, per_token_mask
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Hypothesis settings and strategies of the property tests.
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPE_ST = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+SPARSITY_ST = st.floats(0.0, 1.0, exclude_max=True, allow_nan=False)
 HEAD_DIMS = (1, 7, 64, 80, 96, 128, 256)
 LENGTHS = (1, 63, 64, 65, 1000)
 #: (batch, kv_heads) pairs: batch 1 and an odd batch, several head counts.
 BATCH_HEADS = ((1, 3), (3, 1))
 
-
-def randn(shape, seed, dtype=torch.float32):
-    """Seeded standard-normal data, drawn in fp32 and cast."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def randn_nonzero(shape, seed, dtype):
@@ -380,3 +383,77 @@ def test_constructor_checks():
         BitmapKV(kv.values, kv.bitmaps[..., :1], 80, 0.5)
     with pytest.raises(TypeError, match="bitmaps"):
         BitmapKV(kv.values, kv.bitmaps.float(), 80, 0.5)
+
+
+@pytest.mark.parametrize("bits", [1, 255, -1, 0xF00])
+def test_bitmapkv_rejects_rows_that_are_not_the_format(bits):
+    with pytest.raises(ValueError, match="k_keep=4 bits"):
+        BitmapKV(torch.zeros(1, 1, 2, 4), torch.full((1, 1, 2, 1), bits, dtype=torch.int64), 8, 0.5)
+    store = BitmapKV.empty(1, 1, 8, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="k_keep=4 bits"):
+        store.append_compressed(torch.zeros(1, 1, 2, 4), torch.full((1, 1, 2, 1), bits, dtype=torch.int64))
+
+
+def test_bitmapkv_checks_devices_heads_and_head_dim_type():
+    with pytest.raises(ValueError, match="device"):
+        BitmapKV(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 1, dtype=torch.int64, device="meta"), 8, 0.5)
+    with pytest.raises(ValueError, match="kv_heads >= 1"):
+        BitmapKV(torch.zeros(1, 0, 2, 4), torch.zeros(1, 0, 2, 1, dtype=torch.int64), 8, 0.5)
+    with pytest.raises(TypeError, match="head_dim"):
+        BitmapKV.empty(1, 1, 8.0, 0.5)
+    store = BitmapKV.empty(1, 1, 8, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="device"):
+        store.append(torch.zeros(1, 1, 2, 8, device="meta"))
+
+
+def test_select_batch_checks_its_index():
+    store, _ = random_stores()
+    for bad, error in ((torch.tensor([True, False]), TypeError), ([0], TypeError), (torch.tensor([[0]]), TypeError),
+                       (torch.tensor([1]), ValueError), (torch.tensor([-1]), ValueError),
+                       (torch.tensor([], dtype=torch.long), ValueError)):
+        with pytest.raises(error, match="index"):
+            store.select_batch(bad)
+
+
+def test_truncate_keeps_python_ints():
+    store, _ = random_stores()
+    store.truncate(np.int64(5))
+    assert type(store.tokens) is int and store.tokens == 5
+
+
+def test_sizes_validate_their_arguments():
+    with pytest.raises(ValueError, match="size"):
+        mustafar.keep_count(-1, 0.5)
+    with pytest.raises(TypeError, match="size"):
+        mustafar.keep_count(5.5, 0.5)
+    with pytest.raises(ValueError, match="head_dim"):
+        mustafar.bytes_per_token(300, 0.7)
+    with pytest.raises(TypeError, match="dtype"):
+        mustafar.bytes_per_token(64, 0.7, torch.int8)
+
+
+@PROPERTY_SETTINGS
+@given(b=st.integers(1, 3), h=st.integers(1, 3), t=st.integers(0, 33), d=st.integers(1, 256), sparsity=SPARSITY_ST,
+       dtype=DTYPE_ST, seed=st.integers(0, 2**16))
+def test_format_round_trips(b, h, t, d, sparsity, dtype, seed):
+    x = randn((b, h, t, d), seed, dtype)
+    store = compress(x, sparsity)
+    k = keep_count(d, sparsity)
+    assert store.values.shape == (b, h, t, k) and store.bitmaps.shape == (b, h, t, -(-d // 64))
+    assert bool(unpack_bitmaps(store.bitmaps, d).sum(-1).eq(k).all())
+    assert torch.equal(store.decompress(), prune_per_token(x, sparsity))
+
+
+@PROPERTY_SETTINGS
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=8), d=st.sampled_from([1, 64, 80, 96, 128, 200, 256]),
+       sparsity=SPARSITY_ST, dtype=DTYPE_ST, seed=st.integers(0, 2**16))
+def test_appends_in_any_chunking_equal_one_compression(sizes, d, sparsity, dtype, seed):
+    x = randn((2, 2, sum(sizes), d), seed, dtype)
+    store = BitmapKV.empty(2, 2, d, sparsity, dtype=dtype)
+    start = 0
+    for n in sizes:
+        store.append(x[:, :, start:start + n])
+        start += n
+    whole = compress(x, sparsity)
+    assert store.tokens == whole.tokens == x.shape[2] and store.capacity >= store.tokens
+    assert torch.equal(store.values, whole.values) and torch.equal(store.bitmaps, whole.bitmaps)

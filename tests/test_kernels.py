@@ -12,7 +12,9 @@ import itertools
 
 import pytest
 import torch
+from helpers import random_stores
 
+import mustafar
 from mustafar import compress
 from mustafar.format import BitmapKV
 from mustafar.ops import compress_into, sparse_decode_attention, triton_available
@@ -82,3 +84,57 @@ def test_triton_compress_bit_exact(head_dim, dtype, sparsity):
     ref_values, ref_bitmaps = compress_reference(x, sparsity)
     assert torch.equal(store.storage[0][:, :, 7:72], ref_values)
     assert torch.equal(store.storage[1][:, :, 7:72], ref_bitmaps)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_decode_honours_non_contiguous_rows():
+    gen = torch.Generator().manual_seed(1)
+    keys, values = random_stores()
+    query = torch.randn(1, 4, 1, 32, generator=gen)[..., ::2]
+    window = lambda: torch.randn(1, 2, 3, 16, generator=gen).transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa
+    kw, vw = window(), window()
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend="triton")
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_fully_masked_additive_row_matches_torch():
+    """A row masked with finfo.min everywhere gives SDPA's uniform softmax on both backends, not zeros."""
+    keys, values = random_stores(2)
+    query = torch.randn(1, 4, 1, 16)
+    mask = torch.full((1, 1, 1, 40), torch.finfo(torch.float32).min)
+    out = sparse_decode_attention(query, keys, values, backend="triton", attention_mask=mask)
+    ref = sparse_decode_attention(query, keys, values, backend="torch", attention_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(offset=4), ValueError, "capacity"),
+    (dict(offset=-2), ValueError, "offset"),
+    (dict(values=torch.zeros(1, 2, 5, 3)), ValueError, "values must be"),
+    (dict(values=torch.zeros(2, 2, 5, 4)), ValueError, "values must be"),
+    (dict(values=torch.zeros(1, 2, 5, 4, dtype=torch.float16)), TypeError, "values"),
+    (dict(bitmaps=torch.zeros(1, 2, 5, 1, dtype=torch.int32)), TypeError, "bitmaps"),
+    (dict(values=torch.zeros(1, 2, 4, 5).transpose(-1, -2)), ValueError, "contiguous rows"),
+])
+def test_compress_into_rejects_bad_buffers(bad, error, match):
+    args = dict(x=torch.randn(1, 2, 3, 8), sparsity=0.5, values=torch.zeros(1, 2, 5, 4),
+                bitmaps=torch.zeros(1, 2, 5, 1, dtype=torch.int64), offset=0)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        compress_into(**args, backend="torch")
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_nan_in_a_key_is_not_silently_zeroed():
+    """A NaN in the cache shows as NaN in the heads that read it, on every backend (never a silent zero)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 40, 16, generator=gen)
+    x[0, 0, 3, 2] = float("nan")
+    keys, values = mustafar.compress(x, 0.5), mustafar.compress(torch.randn(1, 2, 40, 16, generator=gen), 0.5)
+    query = torch.randn(1, 4, 1, 16, generator=gen)
+    for backend in ("torch", "triton"):
+        out = sparse_decode_attention(query, keys, values, backend=backend)
+        assert out[0, :2].isnan().all() and not out[0, 2:].isnan().any()

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny_model import save_tiny_model, tiny_tokenizer
+from helpers import save_tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from mustafar.cli import app

@@ -4,10 +4,11 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_model import save_tiny_model
+from helpers import save_tiny_model
 from transformers import DynamicCache
 
 import mustafar
+import mustafar.models
 from mustafar.evaluation.perplexity import dense_perplexity, score_continuation, text_windows
 from mustafar.generation import (
     cache_kwargs,
@@ -15,11 +16,12 @@ from mustafar.generation import (
     fill_cache,
     forward,
     greedy_decode,
-    kv_nbytes,
+    kv_bytes,
     make_cache,
     prefill,
 )
 from mustafar.models import cache_dir, embedded_gguf_path, load_model
+from mustafar.ops import UnsupportedHardwareError
 
 SETTINGS = [mustafar.parse_setting(name, window=4, chunk=8) for name in ("dense", "K0.5V0.5", "K0.7V0.7")]
 
@@ -85,8 +87,8 @@ def test_shared_prefill_matches_generate(tiny, setting):
     source, logits = prefill(model, ids)
     cache = fill_cache(make_cache(setting), source)
     assert greedy_decode(model, cache, logits, max_new_tokens=12) == expected
-    held, dense = kv_nbytes(cache)
-    assert (held, dense) == kv_nbytes(fresh)
+    held, dense = kv_bytes(cache).held, kv_bytes(cache).dense
+    assert (held, dense) == (kv_bytes(fresh).held, kv_bytes(fresh).dense)
     assert held == dense if setting.is_dense else held < dense
 
 
@@ -165,7 +167,49 @@ def test_embedded_model_answers_with_sparse_cache(embedded):
                          **cache_kwargs(model, cache))
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
-    held, dense = kv_nbytes(cache)
+    held, dense = kv_bytes(cache).held, kv_bytes(cache).dense
     assert cache.layers[0].stored_tokens > 0 and held < 0.75 * dense
     # the forward helper reads the same cache: one more step continues the sequence
     assert forward(model, out[:, -1:], cache).shape == (1, 1, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("device, error, match", [
+    ("cuda", UnsupportedHardwareError, r"device 'cuda' needs CUDA, but torch .* sees no CUDA device"),
+    ("cuda:1", UnsupportedHardwareError, r"device 'cuda:1' needs CUDA"),
+    ("nope", ValueError, r"device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got 'nope'"),
+    ("meta", ValueError, r"device must hold data .*got 'meta'"),
+    (123, TypeError, r"device must be a str or torch.device, e.g. 'cpu' or 'cuda:0', got int 123"),
+])
+def test_load_model_checks_the_device_before_loading(no_cuda, device, error, match):
+    with pytest.raises(error, match=match):  # a model that does not exist: the device is checked first
+        mustafar.load_model("/no/such/model", device=device)
+
+
+def test_load_model_refuses_empty_names_and_directories_without_a_model(tmp_path):
+    for name in ("", "  "):
+        with pytest.raises(ValueError, match=r"name_or_path must name a model .*got the empty name"):
+            mustafar.load_model(name)
+    with pytest.raises(FileNotFoundError, match=r"no model files in directory .* \(missing: config.json, weights"):
+        mustafar.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"\(missing: weights .*tokenizer .*pass the file itself, e.g. .*gguf"):
+        mustafar.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("device, error, match", [
+    ("hpu", UnsupportedHardwareError, r"device 'hpu': no hpu device is available here"),
+    ("xla", UnsupportedHardwareError, r"device 'xla': no xla device is available here"),
+    ("cpu:3", ValueError, r"device 'cpu:3': the CPU is one device"),
+])
+def test_check_device_refuses_device_types_this_machine_lacks(device, error, match):
+    with pytest.raises(error, match=match):
+        mustafar.models.check_device(device)
+    assert mustafar.models.check_device("cpu:0") == torch.device("cpu:0")
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "models/org/name"])
+def test_a_missing_local_path_says_so(name):
+    """Was: Hugging Face's "Repo id must be in the form 'repo_name'" for a path that does not exist."""
+    with pytest.raises(FileNotFoundError, match=r"name_or_path: no such file or directory"):
+        mustafar.load_model(name)

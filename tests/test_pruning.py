@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from helpers import randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,10 +23,6 @@ HEAD_DIMS = (1, 7, 64, 80, 96, 128, 256)
 #: Magnitudes drawn for tie-heavy data: repeated values, +0/-0, equal |x| with both signs.
 TIE_POOL = (-3.0, -2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0)
 
-
-def randn(shape, seed, dtype=torch.float32):
-    """Seeded standard-normal data, drawn in fp32 and cast."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def tie_data(shape, seed, dtype=torch.float32):
@@ -309,3 +307,16 @@ def test_bad_queries():
         mustafar.prune_think(keys, 0.5, randn((2, 2, 1, 8), seed=8))
     with pytest.raises(ValueError, match="queries must have 4 dimensions"):
         mustafar.prune_output_aware(keys, 0.5, randn((2, 1, 8), seed=9))
+
+
+def test_output_aware_and_think_need_a_query():
+    keys = torch.randn(1, 2, 3, 8)
+    for prune in (mustafar.prune_output_aware, mustafar.prune_think):
+        with pytest.raises(ValueError, match="q_len >= 1"):
+            prune(keys, 0.5, torch.randn(1, 2, 0, 8))
+
+
+def test_float32_sparsity_counts_as_its_decimal():
+    assert mustafar.keep_count(80, np.float32(0.7)) == 24 == mustafar.keep_count(80, 0.7)
+    assert mustafar.SparsityConfig(float(np.float32(0.7)), 0.5).name == "K0.7V0.5"
+    assert mustafar.keep_count(17, 2 / 17) == 15  # a float64 fraction is not snapped

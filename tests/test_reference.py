@@ -5,20 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randn, random_stores
 
 import mustafar
 from mustafar.format import BitmapKV
-from mustafar.ops import available_backends
+from mustafar.ops import available_backends, sparse_decode_attention
 from mustafar.reference import compress_reference, decompress_reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest error allowed, relative to the largest output magnitude, per query dtype (fp64 oracle).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 
-
-def randn(shape, seed, dtype=torch.float32):
-    """Seeded standard-normal data, drawn in fp32 and cast."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def oracle_attention(query, keys, values, scale, mask=None):
@@ -294,3 +291,19 @@ def test_device_mismatch():
     meta = BitmapKV.empty(1, 2, 64, 0.5, dtype=torch.float32, device="meta", capacity=6)
     with pytest.raises(ValueError, match="key_cache"):
         attend(query, meta, vc)
+
+
+def test_scale_must_be_a_number():
+    keys, values = random_stores()
+    query = torch.randn(1, 4, 1, 16)
+    for bad in ("0.25", True):
+        with pytest.raises(TypeError, match="scale"):
+            sparse_decode_attention(query, keys, values, scale=bad)
+
+
+def test_empty_batch_attention_is_empty():
+    keys = BitmapKV.empty(0 + 1, 2, 16, 0.5, torch.float32)
+    keys.append(torch.randn(1, 2, 4, 16))
+    empty = BitmapKV(keys.values[:0], keys.bitmaps[:0], 16, 0.5)
+    out = sparse_decode_attention(torch.randn(0, 4, 1, 16), empty, empty)
+    assert out.shape == (0, 4, 1, 16)

@@ -4,7 +4,7 @@ import re
 from collections import Counter
 
 import pytest
-from tiny_model import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 from mustafar.evaluation.metrics import string_match_all
 from mustafar.evaluation.ruler import NIAH_SPECS, RULER_TASKS, ruler_samples, word_pool

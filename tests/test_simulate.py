@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_model import save_tiny_model
+from helpers import save_tiny_model
 
 import mustafar
 from mustafar.config import SparsityConfig
@@ -142,7 +142,7 @@ def test_run_eval_methods_simulated_rows_and_resume(model, tmp_path, monkeypatch
     from mustafar.evaluation import EvalConfig, ResultStore, run_eval
     from mustafar.evaluation import runner
     from mustafar.evaluation.report import summarize
-    from tiny_model import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     settings = tuple(mustafar.parse_setting(s, window=WINDOW, chunk=CHUNK) for s in ("dense", "K0.5V0.5"))
     config = EvalConfig(settings, tasks=("niah_single_2", "fwe"), context_lengths=(400,), samples=2,

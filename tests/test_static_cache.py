@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import CACHE, left_pad, prompt, states, tiny_model
 
 import mustafar
-from mustafar.format import BitmapKV
+from mustafar import StaticMustafarCache
 from mustafar.cache.static_ops import static_decode_attention, static_evict
+from mustafar.format import BitmapKV
 
 
 def _model(seed=0):
@@ -198,3 +200,40 @@ def test_static_decode_update_is_sync_free_and_allocates_o1(max_tokens):
         cache.update(step, step.clone(), 0)
     assert recorder.syncs == []
     assert recorder.largest <= 2 * 3 * 8 * 16  # at most a ring's size, whatever max_tokens is
+
+
+def test_static_cache_cannot_crop():
+    cache = StaticMustafarCache(max_tokens=16, window=4)
+    assert cache.is_croppable is False  # before any layer exists too (transformers' assisted decoding reads it)
+    cache.update(*states(tokens=6), 0)
+    cache.layers[0].consume()
+    assert cache.is_croppable is False and cache.layers[0].is_croppable is False
+    for crop in (cache.crop, cache.layers[0].crop):
+        with pytest.raises(NotImplementedError, match="StaticMustafarCache cannot crop.*use MustafarCache"):
+            crop(-1)
+    assert cache.get_seq_length() == 6
+
+
+def test_static_cache_refuses_batch_row_edits():
+    """Was: reorder_cache reordered the dense ring but not the store (a silent wrong answer)."""
+    cache = StaticMustafarCache(max_tokens=16, window=2)
+    cache.update(*states(tokens=6), 0)
+    cache.layers[0].consume()
+    ring = cache.layers[0].keys.clone()
+    for edit, arg in ((cache.reorder_cache, torch.tensor([2, 1, 0])), (cache.batch_select_indices, torch.tensor([0])),
+                      (cache.batch_repeat_interleave, 2)):
+        with pytest.raises(NotImplementedError, match="StaticMustafarCache cannot reorder, select or repeat batch"):
+            edit(arg)
+    assert torch.equal(cache.layers[0].keys, ring)
+    empty = StaticMustafarCache(max_tokens=16, window=2)  # no config, no layers yet: refused all the same
+    with pytest.raises(NotImplementedError, match="StaticMustafarCache cannot reorder"):
+        empty.batch_repeat_interleave(2)
+
+
+def test_static_cache_refuses_padding():
+    model = tiny_model(seed=1)
+    ids, mask = left_pad([prompt(10)[0], prompt(6)[0]])
+    cache = StaticMustafarCache(model.config, batch_size=2, max_tokens=32, window=4, device="cpu")
+    match = "StaticMustafarCache does not support padded batches"
+    with pytest.raises(ValueError, match=match), torch.inference_mode():
+        model(ids, attention_mask=mask, cache_position=torch.arange(10), **{CACHE: cache})

@@ -1,7 +1,7 @@
 """Retrieval task generators, the answer checker, and the offline texts."""
 
 import pytest
-from tiny_model import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 from mustafar.evaluation.tasks import (
     DEFAULT_DEPTHS,

@@ -48,7 +48,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "mustafar_attention_forward"]
+__all__ = ["ATTENTION_NAME", "Link", "held_mask", "link_tensor", "linked", "linked_count",
+           "mustafar_attention_forward"]
 
 #: Name of the attention implementation: ``attn_implementation="mustafar"``.
 ATTENTION_NAME = "mustafar"
@@ -96,6 +97,11 @@ def linked(tensor: torch.Tensor) -> Link | None:
         return None
     layer = entry[1]()
     return None if layer is None else Link(layer, entry[2])
+
+
+def linked_count() -> int:
+    """Tensors linked to a cache layer now (a diagnostic: a cache keeps at most its last update's K and V linked)."""
+    return len(_LINKS)
 
 
 def held_mask(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:

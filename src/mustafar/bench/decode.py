@@ -34,14 +34,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..generation import cache_kwargs, prefill
 from .timing import Clock
 
-__all__ = ["DecodeTimings", "cache_kwargs", "prefill", "graph_decode", "generate_decode"]
+__all__ = ["DecodeTimings", "first_tokens", "graph_decode", "generate_decode"]
 
 
 @dataclass
@@ -82,11 +82,6 @@ class DecodeTimings:
         return {**asdict(self), "step_ms": self.step_ms, "tokens_per_s": self.tokens_per_s}
 
 
-def cache_kwargs(model, cache) -> dict:
-    """``{"cache": cache}`` where ``model.forward`` takes ``cache`` (transformers 5.24), else ``past_key_values``."""
-    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
-
-
 def _sdpa(backends) -> contextlib.AbstractContextManager:
     """``torch.nn.attention.sdpa_kernel(backends)``, or nothing for ``None`` (torch's own choice)."""
     if backends is None:
@@ -105,13 +100,12 @@ def _check_prompt(prompt_ids: object, new_tokens: object, warmup_steps: int) -> 
                          f"decode step at least), got {new_tokens!r}")
 
 
-def prefill(model, cache, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Run the prompt ``[batch, L]`` through ``model`` into ``cache``; return the first tokens ``[batch, 1]``.
+def first_tokens(model, cache, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Prefill the prompt ``[batch, L]`` into ``cache`` (:func:`mustafar.generation.prefill`).
 
-    Only the last position's logits are computed (``logits_to_keep=1``).
+    Returns the first generated tokens ``[batch, 1]`` (greedy).
     """
-    logits = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
-    return logits[:, -1].argmax(-1, keepdim=True)
+    return prefill(model, prompt_ids, cache)[1].argmax(-1, keepdim=True)
 
 
 class DecodeStep:
@@ -163,7 +157,7 @@ def graph_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, captur
     capture = clock.cuda if capture is None else bool(capture)
     if capture and not clock.cuda:
         raise ValueError(f"capture=True needs CUDA tensors, got prompt_ids on {prompt_ids.device}")
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids))
+    first, prefill_ms = clock.wall_ms(lambda: first_tokens(model, cache, prompt_ids))
     step = DecodeStep(model, cache, first, prompt_ids.shape[1], new_tokens)
     with _sdpa(sdpa_backends):
         _, warmup_ms = clock.wall_ms(lambda: _warm_up(step, warmup_steps, capture))
@@ -209,7 +203,7 @@ def generate_decode(model, cache, prompt_ids: torch.Tensor, new_tokens: int, bre
     """
     _check_prompt(prompt_ids, new_tokens, 0)
     clock = Clock(prompt_ids.device)
-    first, prefill_ms = clock.wall_ms(lambda: prefill(model, cache, prompt_ids))
+    first, prefill_ms = clock.wall_ms(lambda: first_tokens(model, cache, prompt_ids))
     ids, kwargs = torch.cat([prompt_ids, first], dim=1), cache_kwargs(model, cache)
     with _sdpa(sdpa_backends):
         out, decode_ms = clock.wall_ms(lambda: model.generate(

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation import parse_dtype
+
 __all__ = ["ModelShape", "SHAPES", "build_config", "build_model", "model_dims", "weight_bytes"]
 
 
@@ -64,20 +66,6 @@ SHAPES: dict[str, ModelShape] = {
 }
 #: Fields every shape gets: no special tokens, so that greedy decoding never stops early.
 _NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float16`` / ``"float16"`` (or bfloat16, float32) -> the torch dtype.
-
-    Raises:
-        ValueError: any other value.
-    """
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
 
 
 def build_config(shape: str, layers: int | None = None):
@@ -117,7 +105,7 @@ def build_model(shape: str = "llama3-8b", layers: int | None = None, dtype: torc
     import mustafar  # noqa: F401  (registers the "mustafar" attention implementation)
 
     config = build_config(shape, layers)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     _check_weights_fit(config, torch_dtype, torch.device(device))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch_dtype)

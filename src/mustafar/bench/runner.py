@@ -29,10 +29,10 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from .breakdown import step_breakdown
-from .caches import kv_stats, make_cache
+from ..generation import kv_bytes, make_cache
 from .capacity import find_max_batch, make_probe, oom_reason, prefill_kind
 from .config import BenchConfig
-from .decode import generate_decode, graph_decode, prefill
+from .decode import first_tokens, generate_decode, graph_decode
 from .memory import gib, predict_bytes
 from .models import build_model, model_dims, weight_bytes
 from .report import ALLOC_CONF, environment, summary_line, write_results
@@ -101,9 +101,10 @@ def _ttft_ms(ctx: _Context, mode: str, setting, ids: torch.Tensor, max_tokens: i
     """Extra prefill timings (fresh caches) beyond the case's own, while prefills are short."""
     times: list[float] = []
     for _ in range(ctx.config.ttft_repeats - 1):
-        cache = make_cache(mode, setting, ctx.model, ids.shape[0], max_tokens, ctx.config.backend)
+        cache = make_cache(setting, mode, model=ctx.model, batch=ids.shape[0], max_tokens=max_tokens,
+                           backend=ctx.config.backend)
         with torch.inference_mode():
-            times.append(ctx.clock.wall_ms(lambda: prefill(ctx.model, cache, ids))[1])
+            times.append(ctx.clock.wall_ms(lambda: first_tokens(ctx.model, cache, ids))[1])
         del cache
     return times
 
@@ -113,7 +114,7 @@ def _run(ctx: _Context, row: dict, setting, ids: torch.Tensor) -> dict:
     # room for the generated tokens, the breakdown's extra step and the eviction it times (the next step's)
     mode, batch, max_tokens = row["mode"], row["batch"], row["prompt"] + config.new_tokens + 1
     clock.fresh()
-    cache = make_cache(mode, setting, model, batch, max_tokens, config.backend)
+    cache = make_cache(setting, mode, model=model, batch=batch, max_tokens=max_tokens, backend=config.backend)
 
     def breakdown(step, step_ms, captured):
         return step_breakdown(model, cache, setting, batch, step, step_ms, clock, captured, config.op_repeats)
@@ -125,14 +126,14 @@ def _run(ctx: _Context, row: dict, setting, ids: torch.Tensor) -> dict:
         backends = None if config.generate_cudnn or not clock.cuda else _NOT_CUDNN
         tokens, timings = generate_decode(model, cache, ids, config.new_tokens, breakdown, backends)
     peak = clock.peak_bytes()
-    stats = kv_stats(cache)
+    kv = kv_bytes(cache)
     del cache, tokens
     ttfts = [timings.prefill_ms]
     if timings.prefill_ms < config.ttft_repeat_below_ms:
         ttfts += _ttft_ms(ctx, mode, setting, ids, max_tokens)
     result = {**row, "status": "ok", "reason": "", "ttft_ms": statistics.median(ttfts), "ttft_ms_all": ttfts,
-              **timings.to_dict(), "peak_bytes": peak, **stats}
-    result["kv_ratio"] = stats["kv_bytes"] / stats["kv_dense_bytes"] if stats["kv_dense_bytes"] else None
+              **timings.to_dict(), "peak_bytes": peak, "kv_bytes": kv.held, "kv_dense_bytes": kv.dense,
+              "kv_allocated_bytes": kv.allocated, "kv_ratio": kv.ratio}
     return result
 
 

@@ -9,22 +9,31 @@ Task names: the retrieval tasks (``passkey``, ``niah``, ``niah-multikey``),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 from .._checks import check_positive_int
-from ..config import SparsityConfig
+from ..config import SparsityConfig, parse_setting
 from ..pruning import RULES
 from .longbench import LONGBENCH_TASKS, available_tasks
 from .ruler import RULER_TASKS
 from .tasks import DEFAULT_DEPTHS
 
-__all__ = ["EvalConfig", "TASKS", "RETRIEVAL_TASKS", "GROUPS", "expand_tasks", "suite_of"]
+__all__ = ["EvalConfig", "TASKS", "RETRIEVAL_TASKS", "GROUPS", "DEFAULT_SETTINGS", "QUICK", "QUICK_LONG",
+           "expand_tasks", "suite_of"]
 
 #: Retrieval tasks (accuracy) of :mod:`.tasks`.
 RETRIEVAL_TASKS = ("passkey", "niah", "niah-multikey")
 #: Every task name.
 TASKS = RETRIEVAL_TASKS + ("ppl",) + tuple(RULER_TASKS) + LONGBENCH_TASKS
 GROUPS = ("retrieval", "ruler", "longbench")
+#: Settings evaluated unless others are given (window and chunk come with them).
+DEFAULT_SETTINGS = ("dense", "K0.5V0.5", "K0.7V0.7")
+#: The ``quick`` preset (under 10 minutes on a 2-core CPU): these fields instead of :class:`EvalConfig`'s defaults
+#: (the ``full`` preset), and :data:`QUICK_LONG` on top when RULER or LongBench tasks are asked for.
+QUICK = {"context_lengths": (2048,), "samples": 5}
+#: The quick preset's shorter prompts, fewer samples and capped answers for RULER and LongBench tasks.
+QUICK_LONG = {"context_lengths": (1024,), "samples": 1, "max_new_tokens_cap": 32}
 
 
 def suite_of(task: str) -> str:
@@ -126,3 +135,46 @@ class EvalConfig:
         if any(t in LONGBENCH_TASKS for t in self.tasks) and self.data_dir is None and not self.hub:
             raise ValueError("LongBench tasks need data_dir (a directory of <task>.jsonl files) or hub=True, "
                              "got neither")
+
+    @classmethod
+    def from_options(cls, settings: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+                     context_lengths: Sequence[int] | None = None, samples: int | None = None, *, quick: bool = False,
+                     window: int = 32, chunk: int = 256, **options) -> EvalConfig:
+        """The configuration of a preset with the options given (``None``: the preset's value).
+
+        The ``full`` preset is this class's defaults with :data:`DEFAULT_SETTINGS`; ``quick`` replaces
+        fields by :data:`QUICK`, and by :data:`QUICK_LONG` when a RULER or LongBench task is asked for
+        (an explicit ``max_new_tokens_cap`` wins). ``settings``: names such as ``"K0.5V0.5"``, parsed with
+        ``window`` and ``chunk``; ``tasks`` may hold groups (:func:`expand_tasks`, with ``data_dir`` and
+        ``hub`` from ``options``). Duplicates are dropped, order kept. ``options``: other fields.
+
+        Raises:
+            TypeError / ValueError: as the constructor, :func:`~mustafar.parse_setting` and :func:`expand_tasks`.
+        """
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "settings"}
+        names = expand_tasks(defaults["tasks"] if tasks is None else tasks, options.get("data_dir"),
+                             options.get("hub", False))
+        preset = dict(QUICK) if quick else {}
+        if quick and any(t not in defaults["tasks"] for t in names):
+            preset.update(QUICK_LONG)
+            if options.get("max_new_tokens_cap") is None:
+                options["max_new_tokens_cap"] = preset["max_new_tokens_cap"]
+        preset.pop("max_new_tokens_cap", None)
+        lengths = preset.get("context_lengths", defaults["context_lengths"]) if context_lengths is None \
+            else context_lengths
+        parsed = (parse_setting(s, window=window, chunk=chunk) for s in (DEFAULT_SETTINGS if settings is None
+                                                                           else settings))
+        return cls(settings=tuple(dict.fromkeys(parsed)), tasks=names,
+                   context_lengths=tuple(dict.fromkeys(lengths)),
+                   samples=preset.get("samples", defaults["samples"]) if samples is None else samples,
+                   **{k: tuple(dict.fromkeys(v)) if k == "methods" else v for k, v in options.items()})
+
+    def fingerprint(self, model: str, dtype: str) -> dict:
+        """What changes results besides a result's key, for ``model`` (its name) in ``dtype``.
+
+        A :class:`~.results.ResultStore` refuses to mix runs whose fingerprints differ (resume).
+        """
+        keep = ("max_new_tokens", "max_new_tokens_cap", "ppl_tokens", "ppl_chunk", "num_needles", "text_file",
+                "data_dir")
+        return {"model": model, "dtype": dtype, "window": self.settings[0].window, "chunk": self.settings[0].chunk,
+                "depths": list(self.depths), **{k: getattr(self, k) for k in keep}}

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
-from ..generation import eos_ids, fill_cache, kv_nbytes, make_cache, prefill
+from ..generation import eos_ids, fill_cache, kv_bytes, make_cache, prefill
 from .batched import auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad, length_batches
 from .config import TASKS, EvalConfig
 from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
@@ -73,10 +73,6 @@ def make_eval_cache(setting: SparsityConfig, queries: dict | None = None, pads: 
 
 def _needs_queries(setting: SparsityConfig) -> bool:
     return setting.method in ("output-aware", "think") and not setting.is_dense
-
-
-def _kv_bytes(cache) -> tuple[int, int]:
-    return (cache.nbytes, cache.dense_nbytes) if isinstance(cache, SimulatedCache) else kv_nbytes(cache)
 
 
 def _key(task: str, setting: SparsityConfig, length: int, index: int, seed: int):
@@ -154,7 +150,8 @@ def _row_bytes(cache, batch, row: int, fed: int) -> tuple[int, int]:
     the batch's held / dense ratio to them: exact for an unpadded batch; with padding, the store
     / window split is the batch's (the store moves at the smallest row boundary).
     """
-    held, dense = _kv_bytes(cache)
+    kv = kv_bytes(cache)
+    held, dense = kv.held, kv.dense
     width = batch.input_ids.shape[1]
     alone = dense * (width - batch.pads[row] + fed) / (batch.rows * (width + fed))
     return round(held / dense * alone) if dense else 0, round(alone)
@@ -184,7 +181,8 @@ def _perplexity(model, token_ids, config: EvalConfig, length: int, store: Result
             start = time.perf_counter()
             cache = fill_cache(make_eval_cache(setting, queries), source)
             result = score_continuation(model, cache, logits, continuation, config.ppl_chunk)
-            held, dense = _kv_bytes(cache)
+            kv = kv_bytes(cache)
+            held, dense = kv.held, kv.dense
             store.append(SampleResult(
                 setting.name, "ppl", length, index, length, held, dense, time.perf_counter() - start,
                 nll=result.nll, scored_tokens=result.tokens, extra={"prefill_s": prefill_s},
@@ -238,10 +236,12 @@ def prepare_text(config: EvalConfig, tokenizer) -> tuple[str | None, object]:
 
 
 def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
-             store: ResultStore | None = None) -> list[SampleResult]:
+             store: ResultStore | None = None, prepared: tuple | None = None) -> list[SampleResult]:
     """Run ``config`` on ``model``/``tokenizer`` (from :func:`mustafar.load_model`); one result per run.
 
     ``store``: where finished runs are appended and looked up (resume); default an in-memory store.
+    ``prepared``: :func:`prepare_text`'s result for ``config`` and this tokenizer when the caller already made it
+    (the text is then not read and tokenised again).
     Returns the results of ``config``'s runs (those found in ``store`` included), in run order.
 
     Raises:
@@ -251,7 +251,7 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
     store = store if store is not None else ResultStore(None)
-    text, token_ids = prepare_text(config, tokenizer)
+    text, token_ids = prepare_text(config, tokenizer) if prepared is None else prepared
     jobs = {(task, n): task_jobs(tokenizer, config, task, n, text) for n in config.context_lengths
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:

@@ -80,7 +80,7 @@ def random_number(rng: random.Random, digits: int) -> str:
 
 
 def check_args(tokenizer, context_length: int, n: int, depths) -> None:
-    """Raise TypeError / ValueError for a tokenizer without ``encode``, ``context_length`` < 256, ``n`` < 0 or bad depths."""
+    """Raise TypeError / ValueError: a tokenizer without ``encode``, ``context_length`` < 256, ``n`` < 0, bad depths."""
     if not callable(getattr(tokenizer, "encode", None)):
         raise TypeError(f"tokenizer must have an encode method, got {type(tokenizer).__name__}")
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 256:

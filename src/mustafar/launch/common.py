@@ -48,14 +48,18 @@ def on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int, block_tokens: int) -> int:
+def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int, block_tokens: int,
+                  whole_wave: bool = False) -> int:
     """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU.
 
     Aims for ``per_sm`` programs per multiprocessor, at least 1 split and at most one per ``block_tokens``
-    tokens; 0 when there are no tokens.
+    tokens; 0 when there are no tokens. ``whole_wave=True`` rounds down, so that the programs fit in one wave
+    (the CUDA kernel: a partial second wave of long CTAs would leave most of the GPU idle); the default rounds
+    up (the Triton kernel's short programs).
     """
     if tokens == 0:
         return 0
     blocks = cdiv(tokens, block_tokens)
-    wanted = cdiv(per_sm * sm_count(device), batch_heads)
+    slots = per_sm * sm_count(device)
+    wanted = slots // batch_heads if whole_wave else cdiv(slots, batch_heads)
     return max(1, min(blocks, wanted))

@@ -15,10 +15,9 @@ import os
 import torch
 
 from ..format import BitmapKV
-from .common import cdiv, sm_count
+from .common import LOG2E, cdiv, choose_splits
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-_LOG2E = 1.4426950408889634
 #: Head dims the CUDA kernel is compiled for.
 HEAD_DIMS = (64, 128)
 #: Query rows per KV head one CTA holds.
@@ -26,8 +25,6 @@ MAX_ROWS = 16
 #: Tokens per CTA step (4 warps x 16) and the capacity granule the kernel stages whole.
 CTA_TOKENS = 64
 TILE_TOKENS = 16
-#: CTAs per multiprocessor the split heuristic aims for.
-CTAS_PER_SM = 4
 _WORKSPACE_ROWS = 16
 
 
@@ -82,16 +79,6 @@ def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int)
     return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep))
 
 
-def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int = CTAS_PER_SM) -> int:
-    """Splits of the compressed tokens: one full wave of ``sm_count * per_sm`` CTAs where the tokens allow it.
-
-    A partial second wave would leave most of the GPU idle while it runs, so the count is the largest that
-    keeps ``batch_heads * splits`` within one wave (at least 1, at most one split per 64 tokens).
-    """
-    if tokens == 0:
-        return 0
-    wave = sm_count(device) * per_sm
-    return max(1, min(cdiv(tokens, CTA_TOKENS), wave // batch_heads))
 
 
 def decode_attention_cuda(
@@ -118,7 +105,7 @@ def decode_attention_cuda(
     if num_splits is None:
         rows = hq // hkv * lq
         per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep)
-        splits = choose_splits(b * hkv, n_comp, query.device, per_sm)
+        splits = choose_splits(b * hkv, n_comp, query.device, per_sm, CTA_TOKENS, whole_wave=True)
     else:
         splits = min(num_splits, n_comp)
     per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
@@ -143,7 +130,7 @@ def decode_attention_cuda(
     ext.decode(
         query, kv, kb.view(torch.int32), vv, vb.view(torch.int32), key_window if has_window else empty,
         value_window if has_window else empty, mask, part_o, part_m, part_l, out,
-        n_comp, per_split, splits, scale * _LOG2E, empty if length is None else length,
+        n_comp, per_split, splits, scale * LOG2E, empty if length is None else length,
         key_window.shape[2] if has_window else 0,
     )
     return out

@@ -59,7 +59,10 @@ def decode_attention_triton(
     n_win = 0 if key_window is None else key_window.shape[2]
     rows = max(_MIN_DOT, next_pow2(group * lq))
     groups = max(_MIN_DOT, next_pow2(math.ceil(d / 4)))
-    splits = choose_splits(b * hkv, n_comp, query.device, PROGRAMS_PER_SM, BLOCK_N) if num_splits is None else min(num_splits, n_comp)
+    if num_splits is None:
+        splits = choose_splits(b * hkv, n_comp, query.device, PROGRAMS_PER_SM, BLOCK_N)
+    else:
+        splits = min(num_splits, n_comp)
     tokens_per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), BLOCK_N) * BLOCK_N
     splits = cdiv(n_comp, tokens_per_split) if n_comp else 0
     parts = splits + (1 if n_win else 0)

@@ -3,7 +3,7 @@
 Served (checked in transformers 5.17 and 5.24): every decoder-only family here
 whose attention goes through the standard interface. Each is compared logit by
 logit, teacher-forced: at sparsity 0 with dense SDPA over a ``DynamicCache``, at
-sparsity > 0 with the oracle (:class:`hardening_common.ReferenceCache`).
+sparsity > 0 with the oracle (:class:`helpers.ReferenceCache`).
 Gemma3's interleaved sliding layers and Mistral's sliding window work through
 the attention mask (the cache keeps every token of such layers: a warning says
 so). Refused with ``ValueError`` at construction (``config=``) or first use:
@@ -14,7 +14,7 @@ encoder-decoder cross-attention (BART), other layer types, head_dim > 256.
 import pytest
 import torch
 import transformers
-from hardening_common import (
+from helpers import (
     BASE,
     CACHE,
     ReferenceCache,

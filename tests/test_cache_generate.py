@@ -1,6 +1,6 @@
 """Every generate() mode with a MustafarCache at sparsity > 0 equals the same mode with the oracle cache (issue 5).
 
-The oracle (:class:`hardening_common.ReferenceCache`) keeps every token dense and
+The oracle (:class:`helpers.ReferenceCache`) keeps every token dense and
 prunes, at each step, what the rule prunes; so a mode's bookkeeping of the cache
 (``reorder_cache``, ``crop``, batch edits, a returned cache) is right iff the
 tokens are the same. Contrastive search and DoLa live on the Hub in transformers
@@ -9,7 +9,7 @@ tokens are the same. Contrastive search and DoLa live on the Hub in transformers
 
 import pytest
 import torch
-from hardening_common import (
+from helpers import (
     CACHE,
     ReferenceCache,
     forced_logits,

@@ -7,17 +7,10 @@ pruning keeps of them; at sparsity 0 a row equals dense decoding too.
 
 import pytest
 import torch
-from hardening_common import (
-    CACHE,
-    ReferenceCache,
-    generate,
-    left_pad,
-    prompt,
-    tiny_model,
-)
+from helpers import CACHE, ReferenceCache, generate, left_pad, prompt, tiny_model
 from transformers import DynamicCache, Qwen2Config
 
-from mustafar import MustafarCache, StaticMustafarCache, prune_per_token
+from mustafar import MustafarCache, prune_per_token
 from mustafar.cache.layer import MustafarLayer
 from mustafar.cache.rules import pads_from_mask
 from mustafar.reference import decode_attention_reference
@@ -133,10 +126,38 @@ def test_layer_prunes_lagging_window_tokens_per_row():
         torch.testing.assert_close(out[row:row + 1], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_static_cache_refuses_padding():
-    model = tiny_model(seed=1)
-    ids, mask = left_pad([prompt(10)[0], prompt(6)[0]])
-    cache = StaticMustafarCache(model.config, batch_size=2, max_tokens=32, window=4, device="cpu")
-    match = "StaticMustafarCache does not support padded batches"
-    with pytest.raises(ValueError, match=match), torch.inference_mode():
-        model(ids, attention_mask=mask, cache_position=torch.arange(10), **{CACHE: cache})
+@pytest.mark.parametrize("setting", [{"window": 4, "chunk": 8}, {"window": 8, "chunk": 32}], ids=["w4c8", "w8c32"])
+@pytest.mark.parametrize("chunks, real", [([10, 40], [30]), ([5, 5, 40], [30]), ([10, 12, 28], [2, 28])])
+def test_chunked_prefill_of_a_padded_row_equals_its_prompt_alone(setting, chunks, real):
+    """A row whose first chunks are all padding (20 pads) is pruned as its 30-token prompt alone, chunked as its
+    real tokens arrive; the unpadded row as itself alone in the same chunks."""
+    setting = {"key_sparsity": 0.5, "value_sparsity": 0.6, **setting}
+    model = tiny_model(seed=3)
+    short, long = prompt(30, seed=5)[0], prompt(50, seed=6)[0]
+    ids, mask = left_pad([short, long])
+    cache = MustafarCache(**setting)
+    batch = chunked_logits(model, ids, mask, cache, chunks)
+    assert [layer.pads for layer in cache.layers] == [[20, 0]] * 2  # was [[10, 0]] * 2 for chunks [10, 40]
+    alone = chunked_logits(model, short[None], torch.ones(1, 30, dtype=torch.long), MustafarCache(**setting), real)
+    torch.testing.assert_close(batch[0], alone[0], rtol=1e-4, atol=1e-4)
+    alone = chunked_logits(model, long[None], torch.ones(1, 50, dtype=torch.long), MustafarCache(**setting), chunks)
+    torch.testing.assert_close(batch[1], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def chunked_logits(model, ids, mask, cache, chunks, new=8):
+    """Prefill ``ids`` in ``chunks``, then ``new`` greedy steps; logits ``[batch, new + 1, vocab]``."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    start = 0
+    for n in chunks:
+        out = model(ids[:, start:start + n], attention_mask=mask[:, :start + n],
+                    position_ids=positions[:, start:start + n], **{CACHE: cache})
+        start += n
+    logits = [out.logits[:, -1].float()]
+    for _ in range(new):
+        token = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+        out = model(token, attention_mask=mask, position_ids=positions[:, -1:], **{CACHE: cache})
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1)

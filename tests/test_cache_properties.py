@@ -10,50 +10,19 @@ pruned oldest tokens, and what the attention reads is the rule of
 
 import pytest
 import torch
-from hardening_common import boundary
+from helpers import boundary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mustafar import BitmapKV, compress, keep_count, prune_per_token
+from mustafar import prune_per_token
 from mustafar.cache.layer import MustafarLayer
 from mustafar.cache.rules import prune_rows_prefix
-from mustafar.format import unpack_bitmaps
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 SPARSITY = st.floats(0.0, 1.0, exclude_max=True, allow_nan=False)
 
-
-def randn(shape, seed, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-@SETTINGS
-@given(b=st.integers(1, 3), h=st.integers(1, 3), t=st.integers(0, 33), d=st.integers(1, 256), sparsity=SPARSITY,
-       dtype=DTYPES, seed=st.integers(0, 2**16))
-def test_format_round_trips(b, h, t, d, sparsity, dtype, seed):
-    x = randn((b, h, t, d), seed, dtype)
-    store = compress(x, sparsity)
-    k = keep_count(d, sparsity)
-    assert store.values.shape == (b, h, t, k) and store.bitmaps.shape == (b, h, t, -(-d // 64))
-    assert bool(unpack_bitmaps(store.bitmaps, d).sum(-1).eq(k).all())
-    assert torch.equal(store.decompress(), prune_per_token(x, sparsity))
-
-
-@SETTINGS
-@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=8), d=st.sampled_from([1, 64, 80, 96, 128, 200, 256]),
-       sparsity=SPARSITY, dtype=DTYPES, seed=st.integers(0, 2**16))
-def test_appends_in_any_chunking_equal_one_compression(sizes, d, sparsity, dtype, seed):
-    x = randn((2, 2, sum(sizes), d), seed, dtype)
-    store = BitmapKV.empty(2, 2, d, sparsity, dtype=dtype)
-    start = 0
-    for n in sizes:
-        store.append(x[:, :, start:start + n])
-        start += n
-    whole = compress(x, sparsity)
-    assert store.tokens == whole.tokens == x.shape[2] and store.capacity >= store.tokens
-    assert torch.equal(store.values, whole.values) and torch.equal(store.bitmaps, whole.bitmaps)
 
 
 def prefill_mask(pads, tokens):

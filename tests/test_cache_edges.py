@@ -1,13 +1,13 @@
 """Edge settings of MustafarCache against the oracle (issue 5): extreme sparsities, window/chunk boundaries, per layer.
 
 Each case decodes greedily with a MustafarCache and with the oracle
-(:class:`hardening_common.ReferenceCache`) and compares tokens and teacher-forced
+(:class:`helpers.ReferenceCache`) and compares tokens and teacher-forced
 logits; the cache's counts are checked against the rule.
 """
 
 import pytest
 import torch
-from hardening_common import (
+from helpers import (
     BASE,
     CACHE,
     ReferenceCache,
