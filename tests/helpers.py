@@ -9,7 +9,10 @@ every token dense and returns, from each update after the prefill, each row's
 tokens before its boundary pruned per token (``prune_per_token``): the rule of
 :mod:`mustafar.cache.rules`, written out again independently. The ``"mustafar"``
 attention runs plain SDPA over it, so a model decoding with it computes what a
-``MustafarCache`` must compute, by another road.
+``MustafarCache`` must compute, by another road, one token at a time. (Its multi-token
+steps prune every query at the step's last boundary; a ``MustafarCache`` shows each
+query what token-by-token decoding would (issue 17), so steps of several tokens are
+compared with the oracle decoding one token at a time.)
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class ReferenceCache(DynamicCache):
         self.pads = pads
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        prefill = self.get_seq_length(layer_idx) == 0 and key_states.shape[2] > 1
+        prefill = self.get_seq_length(layer_idx) == 0  # the first update, of any length (issue 17)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if prefill:
             return keys, values

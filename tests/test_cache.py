@@ -225,7 +225,7 @@ def feed(layer, sizes, seed, batch=2, heads=2, head_dim=20):
     ks, vs = [], []
     for n in sizes:
         k, v = (torch.randn(batch, heads, n, head_dim, generator=gen) for _ in range(2))
-        prefill = layer.get_seq_length() == 0 and n > 1
+        prefill = layer.get_seq_length() == 0  # the first update, of any length (issue 17)
         key, value = layer.update(k, v)
         layer.consume()
         ks.append(k), vs.append(v)

@@ -136,7 +136,9 @@ def mustafar_attention_forward(
         query: ``[batch, q_heads, q_len, head_dim]``.
         key, value: ``[batch, kv_heads, kv, head_dim]`` as returned by the cache's ``update``.
         attention_mask: ``None``, bool (True = attend) or additive float, ``[batch, 1, q_len, kv_len]``
-            over every token held (``kv_len`` may exceed it: the extra columns are ignored).
+            over every token held (``kv_len`` may exceed it: the extra columns are ignored). On the
+            sparse decode path a fully masked query row gives zeros (see
+            :func:`mustafar.sparse_decode_attention`); the dense prefill path is transformers' SDPA.
         scaling: softmax scale (default ``module.scaling``).
 
     Returns:

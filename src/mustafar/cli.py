@@ -198,8 +198,8 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
     ppl_tokens: int = typer.Option(256, callback=_POSITIVE, help="Continuation tokens scored per perplexity window."),
     ppl_chunk: int = typer.Option(16, callback=_POSITIVE,
-                                  help="Tokens per decode forward when scoring perplexity (1 = exact "
-                                  "token-by-token decoding)."),
+                                  help="Tokens per decode forward when scoring perplexity (each query "
+                                  "attends as in token-by-token decoding; 1 = one token per forward)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,
@@ -316,9 +316,9 @@ def bench(
     layers: int | None = typer.Option(None, callback=_POSITIVE,
                                       help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
-                                       show_default="1,8,16,32"),
+                                       show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
-                                       show_default="4096,16384,32768"),
+                                       show_default="4096,16384,32768 within the shape's positions; tiny: 256,1024"),
     settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "

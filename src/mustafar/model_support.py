@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from ._checks import MAX_HEAD_DIM
 
-__all__ = ["UNSUPPORTED_OPTIONS", "check_model_config", "check_reader"]
+__all__ = ["UNSUPPORTED_OPTIONS", "check_attention_implementation", "check_model_config", "check_reader"]
+
+#: The attention implementation that reads a Mustafar cache (``mustafar.attention.ATTENTION_NAME``).
+_READER_NAME = "mustafar"
 
 #: Attention kwargs whose semantics the ``"mustafar"`` attention does not implement.
 UNSUPPORTED_OPTIONS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -79,3 +82,26 @@ def check_reader(layer_idx: int, module, owner: int | None) -> int:
             "cache.reset() before using it with another model"
         )
     return id(module)
+
+
+def check_attention_implementation(layer_idx: int, config, cache: str = "MustafarCache") -> None:
+    """Refuse an update that another attention implementation than ``"mustafar"`` would read.
+
+    ``config``: the config of the attention module that read the layer last (``module.config``;
+    ``None``: not known yet, nothing checked). transformers' attention modules pick their attention
+    function from ``config._attn_implementation`` after the cache's update, so the update can see
+    which one will read it. Called before the update changes anything: the cache stays as it was.
+    Another attention would read only the dense local window and miss the compressed tokens: wrong
+    logits, no error (issue 17).
+
+    Raises:
+        ValueError: the model's attention implementation is not ``"mustafar"`` any more.
+    """
+    implementation = getattr(config, "_attn_implementation", _READER_NAME)
+    if implementation != _READER_NAME:
+        raise ValueError(
+            f"{cache} layer {layer_idx}: the model's attention implementation is now {implementation!r}, which "
+            "would read only the dense window of the cache and miss its compressed tokens (wrong outputs). This "
+            "step was refused before it changed the cache: the cache is unchanged. Call "
+            'model.set_attn_implementation("mustafar") and run the step again (or cache.reset() to start over)'
+        )

@@ -163,11 +163,14 @@ def sparse_decode_attention(
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (:mod:`mustafar.backends`).
         attention_mask: optional, broadcastable to ``[batch, q_heads, q_len, tokens + w]``;
-            bool (True = attend) or additive float.
+            bool (True = attend) or additive float; an additive entry of ``-inf`` or at most half
+            its dtype's minimum (``torch.finfo(dtype).min``, as transformers writes) masks its key.
 
     Returns:
         ``[batch, q_heads, q_len, head_dim]`` in the query's dtype; softmax in fp32.
-        GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)``.
+        GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)``. A **fully masked
+        row** (no key visible after causality and the mask) gives **zeros** on every backend
+        (reference, Triton, CUDA), as FlashAttention does (issue 17).
 
     Raises:
         TypeError: non-tensor or non-BitmapKV inputs, dtype mismatches, an

@@ -10,7 +10,16 @@ import torch
 
 from .format import compress_rows, expand
 
-__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference"]
+__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference", "masked_floor"]
+
+#: An additive mask entry at or below this fraction of its dtype's ``finfo.min`` masks its key (issue 17):
+#: transformers writes ``finfo(dtype).min`` for masked keys, a sum of two such entries clamps there too.
+MASKED_FRACTION_OF_MIN = 0.5
+
+
+def masked_floor(dtype: torch.dtype) -> float:
+    """The largest additive mask value of floating ``dtype`` that masks its key: half of ``finfo(dtype).min``."""
+    return torch.finfo(dtype).min * MASKED_FRACTION_OF_MIN
 
 
 #: Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``;
@@ -36,7 +45,10 @@ def decode_attention_reference(
     ``q_len`` keys are the queries' own tokens: query ``i`` sees keys up to
     position ``t - q_len + i`` (causal). ``attention_mask`` (optional),
     broadcastable to ``[b, q_heads, q_len, t]``: bool (True = attend) or additive
-    float. Softmax in fp32; rows with no visible key give zeros, not NaN.
+    float, whose entries at or below :func:`masked_floor` of its dtype (``-inf``,
+    ``finfo.min``) mask their key. Softmax in fp32. **Fully masked rows** (no key
+    visible after causality and the mask) give zeros, as FlashAttention does, not
+    NaN (SDPA's math path) nor the mean of V: one rule on every backend (issue 17).
     Returns ``[b, q_heads, q_len, d]`` in the query's dtype.
     """
     b, hq, lq, d = query.shape
@@ -51,7 +63,7 @@ def decode_attention_reference(
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.float()
+            scores = scores + mask.float().masked_fill(mask <= masked_floor(mask.dtype), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     out = torch.einsum("bhgqt,bhtd->bhgqd", probs, values.float())

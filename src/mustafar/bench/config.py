@@ -9,7 +9,12 @@ from ..generation import MODES, parse_dtype
 from .capacity import PREFILLS
 from .models import SHAPES
 
-__all__ = ["BenchConfig", "QUICK"]
+__all__ = ["BenchConfig", "DEFAULT_GRID", "QUICK", "SHAPE_GRIDS"]
+
+#: The default grid ``(batches, prompts)``: GPU-sized (a Llama-3-8B shape on an H200).
+DEFAULT_GRID = ((1, 8, 16, 32), (4096, 16384, 32768))
+#: Shapes with a grid of their own: ``tiny`` (for tests and CPUs) a CPU-sized one (issue 17).
+SHAPE_GRIDS = {"tiny": ((1, 4), (256, 1024))}
 
 
 def _positive_ints(name: str, values: object) -> tuple[int, ...]:
@@ -38,7 +43,9 @@ class BenchConfig:
 
     Attributes:
         shape: a key of :data:`mustafar.bench.models.SHAPES`; layers: override its depth (None: as is).
-        batches, prompts: the grid (sequences, prompt tokens).
+        batches, prompts: the grid (sequences, prompt tokens); None: the shape's grid (:data:`SHAPE_GRIDS`,
+            else :data:`DEFAULT_GRID`, its prompts limited to the shape's positions). Every prompt plus
+            ``new_tokens`` must fit the shape's ``max_position_embeddings``.
         settings: ``"dense"`` or ``"K<s>V<s>"`` names; modes: ``"generate"`` and/or ``"graph"``.
         new_tokens: tokens generated per case (the first comes from the prefill).
         warmup_steps: eager decode steps before the graph capture, untimed.
@@ -68,8 +75,8 @@ class BenchConfig:
 
     shape: str = "llama3-8b"
     layers: int | None = None
-    batches: tuple[int, ...] = (1, 8, 16, 32)
-    prompts: tuple[int, ...] = (4096, 16384, 32768)
+    batches: tuple[int, ...] | None = None
+    prompts: tuple[int, ...] | None = None
     settings: tuple[str, ...] = ("dense", "K0.5V0.5", "K0.7V0.7")
     modes: tuple[str, ...] = MODES
     new_tokens: int = 32
@@ -100,8 +107,15 @@ class BenchConfig:
             raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
         if self.layers is not None:
             _positive_ints("layers", (self.layers,))
-        object.__setattr__(self, "batches", _positive_ints("batches", self.batches))
-        object.__setattr__(self, "prompts", _positive_ints("prompts", self.prompts))
+        batches, prompts = SHAPE_GRIDS.get(self.shape, DEFAULT_GRID)
+        positions = SHAPES[self.shape].fields["max_position_embeddings"]
+        if self.prompts is None:
+            new = self.new_tokens if isinstance(self.new_tokens, int) else 0  # checked below
+            prompts = tuple(p for p in prompts if p + new <= positions) or (positions // 2,)  # half: room to decode
+        object.__setattr__(self, "batches", _positive_ints("batches", batches if self.batches is None
+                                                           else self.batches))
+        object.__setattr__(self, "prompts", _positive_ints("prompts", prompts if self.prompts is None
+                                                           else self.prompts))
         object.__setattr__(self, "modes", _names("modes", self.modes, MODES))
         object.__setattr__(self, "settings", _names("settings", self.settings))
         parsed = tuple(parse_setting(s, window=self.window, chunk=self.chunk) for s in self.settings)
@@ -116,6 +130,10 @@ class BenchConfig:
                 self.new_tokens < self.warmup_steps + 2:
             raise ValueError(f"new_tokens must be an int >= warmup_steps + 2 = {self.warmup_steps + 2}, "
                              f"got {self.new_tokens!r}")
+        longest = max(self.prompts)
+        if longest + self.new_tokens > positions:
+            raise ValueError(f"prompts + new_tokens must fit the {self.shape} shape's {positions} positions "
+                             f"(max_position_embeddings), got prompt {longest} + {self.new_tokens} new tokens")
         if self.dtype is not None:
             parse_dtype(self.dtype)
         if self.memory_limit_bytes is not None:

@@ -13,16 +13,20 @@ largest ``k`` that leaves at least ``window`` real tokens dense. Without padding
 the store grows by whole chunks and the window keeps ``window`` to
 ``window + chunk - 1`` tokens (fewer while the sequence is shorter); no token is
 ever dropped or reordered. Left-padded rows are pruned exactly as each prompt
-alone. Every ``generate()`` mode of transformers works: greedy, sampling, beam
-search (``reorder_cache``), assisted and prompt-lookup decoding (``crop``, exact
-under ``activate_past_recording``, which generate calls), and continuing with a
-returned cache. ``crop`` raises ``ValueError`` where it would need pruned
+alone. A first update of any length is the prefill. In a step of several tokens each
+query sees the cache as token-by-token decoding would (issue 17), so greedy assisted
+and prompt-lookup decoding return plain greedy's tokens (up to floating-point
+rounding, as with ``DynamicCache``). Every ``generate()`` mode of transformers works:
+greedy, sampling, beam search (``reorder_cache``), assisted and prompt-lookup decoding
+(``crop``, exact under ``activate_past_recording``, which generate calls), and
+continuing with a returned cache. ``crop`` raises ``ValueError`` where it would need pruned
 entries back; offloading raises ``NotImplementedError``; a second model or a
 cross-attention reading the cache raises ``ValueError``.
 
 Attention must run through the ``"mustafar"`` implementation (registered on
-``import mustafar``, see :mod:`mustafar.attention`); with any other, the first
-decode step raises ``ValueError``. Which models are served:
+``import mustafar``, see :mod:`mustafar.attention`); a step that another one would
+read raises ``ValueError`` at its update, before the cache changes (a prefill read by
+another one: at the next step, and the cache must be reset). Which models are served:
 :mod:`mustafar.model_support` (pass ``config=model.config`` to check at construction).
 
 Example::

@@ -6,7 +6,7 @@ oldest tokens, pruned once when they enter it) and the **local window** (dense
 ``keys`` / ``values``, ``[batch, kv_heads, w, head_dim]``).
 
 What the attention reads follows :mod:`mustafar.cache.rules`: the first update
-of an empty layer with several tokens (the **prefill**) is attended dense, as in
+of an empty layer, of any length (the **prefill**), is attended dense, as in
 the paper; every later update attends each row's tokens before its boundary
 pruned (per token) and the rest dense. Where the tokens physically are does not
 change that:
@@ -24,13 +24,14 @@ change that:
   entries cannot be restored.
 - **chunked prefill of a padded batch**: a row whose tokens so far are all padding
   (its first chunks hold only padding) keeps counting the leading padding of the
-  next updates (read from their masks), and its first update of several tokens
-  with real ones is attended dense, like that prompt's prefill alone; the
+  next updates (read from their masks), and its first update with real tokens
+  (one or more) is attended dense, like that prompt's prefill alone; the
   eviction waits for the next update. Only such updates read the mask on the host.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 
@@ -40,10 +41,10 @@ from transformers.cache_utils import CacheLayerMixin
 from .._checks import check_positive_int, check_sparsity
 from ..attention import Link, held_mask, link_tensor
 from ..format import BitmapKV
-from ..model_support import check_reader
+from ..model_support import check_attention_implementation, check_reader
 from ..ops import BACKENDS, append, decode_attention_unchecked
 from .rows import BatchRowEdits
-from .rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix
+from .rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix, query_blocks
 
 __all__ = ["NO_OFFLOADING", "MustafarLayer"]
 
@@ -85,6 +86,8 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         self._unconsumed = self._pending = False
         self._padding_from: int | None = None  # set by an update after which a row may still be all padding
         self._reader: int | None = None
+        self._reader_config = None  # config of the reader module: which attention reads the next update
+        self._before_eviction: tuple | None = None  # (stored, keys, values) before a multi-token step's eviction
 
     def __repr__(self) -> str:
         return (
@@ -105,22 +108,28 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]``; return dense K, V.
 
-        Returns every token held, unpruned, for the prefill (``n > 1`` on an empty layer) or while no
-        token is to be pruned: the attention runs dense SDPA on them. Otherwise returns the local
-        window, new tokens included, and the attention reads the store besides.
+        Returns every token held, unpruned, for the prefill (the first update of an empty layer, of any
+        length ``n >= 1``: issue 17) or while no token is to be pruned: the attention runs dense SDPA on
+        them. Otherwise returns the local window, new tokens included, and the attention reads the store
+        besides.
 
         Raises:
-            ValueError: the previous output was not read by the ``"mustafar"`` attention implementation;
-                ``value_states`` unlike ``key_states`` (shape, dtype, device); states unlike the cached
-                tokens (batch, kv_heads, head_dim, dtype, device); an empty batch.
+            ValueError: the model that read this layer now runs another attention implementation than
+                ``"mustafar"`` (refused before any change: see
+                :func:`mustafar.model_support.check_attention_implementation`); the previous output was not
+                read by the ``"mustafar"`` attention; ``value_states`` unlike ``key_states`` (shape, dtype,
+                device); states unlike the cached tokens (batch, kv_heads, head_dim, dtype, device); an empty batch.
         """
+        check_attention_implementation(self.layer_idx, self._reader_config)
         if self._unconsumed:
+            missed = ("so the cache did not read the prefill's padding" if self._pending else
+                      "so that step's attention missed the compressed tokens (its outputs were wrong)")
             raise ValueError(
                 f"MustafarCache layer {self.layer_idx}: the keys returned by the previous update were not read by the "
-                "'mustafar' attention implementation, so attention would miss the compressed tokens. Load the model "
-                'with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
-                "`import mustafar`. Models that transform the cached states before attention (e.g. DeepSeek's "
-                "multi-head latent attention) cannot use a MustafarCache"
+                f"'mustafar' attention implementation, {missed}. Call cache.reset() (or use a new cache), load the "
+                'model with attn_implementation="mustafar" (or call model.set_attn_implementation("mustafar")) after '
+                "`import mustafar`, and run the prompt again. Models that transform the cached states before "
+                "attention (e.g. DeepSeek's multi-head latent attention) cannot use a MustafarCache"
             )
         self._check_states(key_states, value_states)
         if not self.is_initialized:
@@ -128,11 +137,15 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         old, n = self.get_seq_length(), key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self._pending = old == 0 and n > 1  # the prefill: evicted after its attention has read the padding
+        self._pending = old == 0  # the prefill (any length): evicted after its attention has read the padding
         # a row holding only padding so far (pads never exceed the tokens held): its pads may go on in this update
         self._padding_from = old if old and max(self.pads) == old else None
+        self._before_eviction = None
         if not self._pending and self._padding_from is None:
+            before = (self.stored_tokens, self.keys, self.values)
             self._evict(old if self.record_past else old + n)
+            if n > 1 and self.stored_tokens > before[0]:  # its first queries may need the moved tokens dense
+                self._before_eviction = before
         dense = self._pending or (self.stored_tokens == 0 and self._nothing_pruned(old + n))
         link_tensor(self.keys, Link(self, dense))
         self._unconsumed = True
@@ -200,6 +213,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         """
         if module is not None:
             self._reader = check_reader(self.layer_idx, module, self._reader)
+            self._reader_config = getattr(module, "config", None)
         if self._pending:
             self.pads = pads_from_mask(attention_mask, self.keys.shape[0], self.keys.shape[2])
             self._pending = False
@@ -213,20 +227,43 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
     def attend(self, query, key, value, scale, attention_mask) -> torch.Tensor:
         """Decode attention of ``query [b, q_heads, q_len, d]`` over the store and the window ``key``/``value``.
 
-        Window tokens before a row's boundary are pruned on the fly. ``attention_mask`` covers every token
-        held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
+        Each query sees the cache as token-by-token decoding would have shown it (issue 17): the tokens
+        before its own row boundaries pruned, the later ones dense. Window tokens before a boundary are
+        pruned on the fly; a step whose queries lie on both sides of a boundary runs one attention per
+        run of queries (:func:`~mustafar.cache.rules.query_blocks`), each over the tokens up to its last
+        query, with the tokens this step moved to the store still dense. ``attention_mask`` covers every
+        token held (longer masks are cut). Returns ``[b, q_heads, q_len, d]``.
         """
-        total, stored = self.get_seq_length(), self.stored_tokens
-        lags = [max(0, b - stored) for b in boundaries(total, self.pads, self.window, self.chunk)]
-        if self._padding_from is not None and total - self._padding_from > 1:
-            # a row that held only padding before this update: its first real tokens are its prefill, dense
-            lags = [0 if p >= self._padding_from else lag for p, lag in zip(self.pads, lags)]
-        key = prune_rows_prefix(key, lags, self.key_sparsity)
-        value = prune_rows_prefix(value, lags, self.value_sparsity)
-        window = (key, value) if key.shape[2] else (None, None)  # window 0: every token is in the store
+        total, n = self.get_seq_length(), query.shape[2]
+        mask = held_mask(attention_mask, total)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        return decode_attention_unchecked(query, self.key_store, self.value_store, *window, scale, self.backend,
-                                          held_mask(attention_mask, total))
+        # a row that held only padding before this update: its first real tokens (one or more) are its prefill
+        first = self._padding_from
+        dense_rows = [False] * len(self.pads) if first is None else [p >= first for p in self.pads]
+        blocks = [(0, 1)] if n == 1 else query_blocks(
+            total - n, n, sorted({p for p, d in zip(self.pads, dense_rows) if not d}) or [0], self.window, self.chunk)
+        stores, stored = (self.key_store, self.value_store), self.stored_tokens
+        if len(blocks) > 1 and self._before_eviction is not None:  # the store as it was before this step
+            stored, key, value = self._before_eviction
+            stores = tuple(_first_tokens(store, stored) for store in stores)
+        self._before_eviction = None
+        outputs = []
+        for start, stop in blocks:
+            end = total - n + stop  # tokens up to the block's last query
+            lags = [0 if d else max(0, b - stored)
+                    for b, d in zip(boundaries(end, self.pads, self.window, self.chunk), dense_rows)]
+            held = end - stored  # window tokens up to the block's last query
+            keys = prune_rows_prefix(key if held == key.shape[2] else key[:, :, :held], lags, self.key_sparsity)
+            values = prune_rows_prefix(value if held == value.shape[2] else value[:, :, :held], lags,
+                                       self.value_sparsity)
+            window = (keys, values) if keys.shape[2] else (None, None)  # window 0: every token is in the store
+            block_query, block_mask = query, mask
+            if len(blocks) > 1:
+                block_query = query[:, :, start:stop]
+                block_mask = None if mask is None else mask[..., start:stop, :end] if mask.shape[-2] == n else \
+                    mask[..., :end]
+            outputs.append(decode_attention_unchecked(block_query, *stores, *window, scale, self.backend, block_mask))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -263,7 +300,8 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
     def reset(self) -> None:
         """Drop every token and the reader; the next update starts a new sequence (any batch size)."""
         self.keys = self.values = self.key_store = self.value_store = None
-        self.pads, self._reader, self._padding_from = [], None, None
+        self.pads, self._reader, self._padding_from, self._reader_config = [], None, None, None
+        self._before_eviction = None
         self.is_initialized = self._unconsumed = self._pending = False
 
     def offload(self) -> None:
@@ -313,3 +351,10 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
 
 def _held_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _first_tokens(store: BitmapKV, tokens: int) -> BitmapKV:
+    """A view of the first ``tokens`` of ``store`` (same buffers; the store itself is not changed)."""
+    view = copy.copy(store)
+    view.truncate(tokens)
+    return view

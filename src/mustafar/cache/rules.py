@@ -27,7 +27,7 @@ import torch
 
 from ..pruning import prune_per_token
 
-__all__ = ["boundaries", "crop_limit", "pads_from_mask", "prune_rows_prefix"]
+__all__ = ["boundaries", "crop_limit", "pads_from_mask", "prune_rows_prefix", "query_blocks"]
 
 
 def boundaries(total: int, pads: Sequence[int], window: int, chunk: int) -> list[int]:
@@ -36,6 +36,25 @@ def boundaries(total: int, pads: Sequence[int], window: int, chunk: int) -> list
     Pads beyond ``total`` (after a crop into them) count as ``total``.
     """
     return [min(p, total) + max(0, (total - p - window) // chunk) * chunk for p in pads]
+
+
+def query_blocks(old: int, n: int, pads: Sequence[int], window: int, chunk: int) -> list[tuple[int, int]]:
+    """Runs ``(start, stop)`` of the ``n`` queries of a step after ``old`` tokens, each of one set of boundaries.
+
+    Query ``i`` is token ``old + i``: token-by-token decoding would attend it over ``old + i + 1``
+    tokens, with each row pruned up to ``boundaries(old + i + 1, ...)`` (issue 17: a multi-token step,
+    e.g. the verification of speculative candidates, must show each query what token-by-token decoding
+    would). A row's boundary moves where its real tokens reach ``window + k * chunk`` (``k >= 1``), and
+    at every token while the row is still padding; the runs split the queries there. One run when no
+    boundary moves inside the step (with the default chunk of 256, nearly always).
+    """
+    cuts = {0, n}
+    for p in pads:
+        cuts.update(range(1, min(p, old + n) - old))  # still padding: the boundary follows every token
+        first = max(1, -(-(old + 2 - p - window) // chunk))  # smallest k whose total old + 1 + i has i >= 1
+        cuts.update(range(p + window + first * chunk - old - 1, n, chunk))
+    points = sorted(cuts)
+    return list(zip(points[:-1], points[1:]))
 
 
 def crop_limit(stored: int, total: int, pads: Sequence[int], window: int, chunk: int) -> int:

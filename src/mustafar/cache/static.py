@@ -48,6 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from ..attention import Link, link_tensor
 from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from ..model_support import check_attention_implementation
 from ..ops import append
 from .dynamic import check_backend, check_layer_idx
 from .rules import pads_from_mask
@@ -92,6 +93,7 @@ class StaticMustafarLayer(CacheLayerMixin):
         self.key_store = self.value_store = self.length = None
         self.host_length = 0  # mirror of `length` for eager callers; not advanced by graph replays
         self._unconsumed = False
+        self._reader_config = None  # config of the reader module: which attention reads the next update
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate the ring, the stores (whole capacity) and ``length`` like ``key_states``.
@@ -120,12 +122,18 @@ class StaticMustafarLayer(CacheLayerMixin):
         allocates only per-token temporaries and reads nothing on the host.
 
         Raises:
-            ValueError: the previous output was not read by the ``"mustafar"`` attention; states of another
-                shape, dtype or device type; a multi-token step on a non-empty cache; more tokens than ``max_tokens``.
+            ValueError: the model now runs another attention than ``"mustafar"`` (refused before any change:
+                :func:`mustafar.model_support.check_attention_implementation`); the previous output was not read
+                by the ``"mustafar"`` attention; states of another shape, dtype or device type; a multi-token step
+                on a non-empty cache; more tokens than ``max_tokens``.
+            NotImplementedError: a prefill batch that is a multiple of ``batch_size`` (``generate()`` repeats
+                the batch for beam search: not supported, see :meth:`StaticMustafarCache.reorder_cache`).
         """
+        check_attention_implementation(self.layer_idx, self._reader_config, cache="StaticMustafarCache")
         if self._unconsumed:
             raise ValueError(f"StaticMustafarCache layer {self.layer_idx}: the previous update was not read by the "
-                             "'mustafar' attention; load the model with attn_implementation=\"mustafar\"")
+                             "'mustafar' attention; call cache.reset(), load the model with "
+                             "attn_implementation=\"mustafar\" and run the prompt again")
         self._check_states(key_states, value_states)
         n = key_states.shape[2]
         if self.host_length + n > self.max_tokens:
@@ -178,6 +186,13 @@ class StaticMustafarLayer(CacheLayerMixin):
                 raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
                                  f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
         shape, dtype = self._expected(key_states)
+        batch = key_states.shape[0]
+        if not self.is_initialized and batch != shape[0] and batch % shape[0] == 0:
+            raise NotImplementedError(
+                f"{_NO_ROWS}. The prefill has {batch} rows, {batch // shape[0]} times batch_size={shape[0]}: "
+                "generate() repeats the batch for num_beams > 1 (beam search) or num_return_sequences > 1; for "
+                f"sampling with num_return_sequences, pass batch_size={batch}"
+            )
         for name, new in (("key_states", key_states), ("value_states", value_states)):
             if (new.shape[0], new.shape[1], new.shape[3]) != shape or new.dtype != dtype \
                     or new.shape[2] != key_states.shape[2]:
@@ -200,6 +215,8 @@ class StaticMustafarLayer(CacheLayerMixin):
             ValueError: the prefill's ``attention_mask`` pads a row (this cache ignores masks; use MustafarCache).
         """
         self._unconsumed = False
+        if module is not None:
+            self._reader_config = getattr(module, "config", None)
         tokens = self.host_length
         prefill = attention_mask is not None and tokens > 1 and attention_mask.shape[-2] == tokens
         if prefill and any(pads_from_mask(attention_mask, self.keys.shape[0], tokens)):

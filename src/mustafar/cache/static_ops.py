@@ -59,7 +59,8 @@ def static_decode_attention(
             (``"triton"`` has no static form and serves as ``"auto"`` does; :mod:`mustafar.backends`).
 
     Returns:
-        ``[batch, q_heads, 1, head_dim]`` in the query's dtype.
+        ``[batch, q_heads, 1, head_dim]`` in the query's dtype; zeros while ``length`` is 0 (no key
+        visible: the rule of :func:`mustafar.sparse_decode_attention` for fully masked rows).
 
     Raises:
         ValueError / TypeError: shapes, dtypes or ``length`` not as above.

@@ -6,10 +6,11 @@ prefilled densely (as Mustafar, arXiv 2505.22913, does), and a continuation of
 continuation token from the prefill's last logits, the others from forwards of
 ``chunk`` tokens at a time after everything before them is in the cache. With a
 ``MustafarCache`` those steps attend over the pruned, compressed store plus the
-dense local window. ``chunk=1`` is exact token-by-token decoding; a larger chunk
-is faster (the CPU reference decompresses the store once per forward), and its
-queries may see up to ``chunk - 1`` fewer dense window tokens right after a move
-to the store.
+dense local window. Each query of a forward sees the cache as token-by-token
+decoding would (issue 17), so ``chunk`` changes the speed (the CPU reference
+decompresses the store once per forward, and once more where a forward straddles a
+chunk boundary of the cache) and the floating-point rounding, not what is attended;
+``chunk=1`` runs one token per forward.
 
 Perplexity = ``exp(mean NLL)`` over the ``S`` continuation tokens (natural log).
 """

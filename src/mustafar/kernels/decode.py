@@ -70,17 +70,21 @@ def _scores(k0, k1, k2, k3, q0, q1, q2, q3, PRECISION: tl.constexpr, INTERPRET: 
 
 
 @triton.jit
-def _mask_bias(MASK, mask_base, columns, col_ok, row_ok, MASK_MODE: tl.constexpr):
-    """Additive bias in log2 units ``[ROWS, BLOCK_N]`` from a bool (1) or additive float (2) mask."""
+def _mask_bias(MASK, mask_base, columns, col_ok, row_ok, mask_floor, MASK_MODE: tl.constexpr):
+    """Additive bias in log2 units ``[ROWS, BLOCK_N]`` from a bool (1) or additive float (2) mask.
+
+    An additive entry at or below ``mask_floor`` (half the mask dtype's minimum; ``-inf`` included)
+    masks its key: ``-inf``, so that a row masked everywhere gives zeros (issue 17). Other entries
+    are clamped before the change of base, so that a finite bias stays finite.
+    """
     ptr = MASK + mask_base[:, None] + columns[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     if MASK_MODE == 1:
         keep = tl.load(ptr, mask=ok, other=1)
         return tl.where(keep != 0, 0.0, float("-inf"))
     else:
-        # Clamp before the change of base: finfo(fp32).min * log2(e) would overflow to -inf, and a row masked
-        # that way must give SDPA's uniform softmax, not zeros.
-        return tl.maximum(tl.load(ptr, mask=ok, other=0.0).to(tl.float32), -2.0e38) * 1.4426950408889634
+        bias = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(bias <= mask_floor, float("-inf"), tl.maximum(bias, -2.0e38) * 1.4426950408889634)
 
 
 @triton.jit
@@ -121,7 +125,7 @@ def sparse_decode_kernel(
     VW, stride_vwb, stride_vwh, stride_vwt,
     MASK, stride_mb, stride_mh, stride_ml,
     OUT, M_OUT, L_OUT,
-    kv_heads, group, q_len, n_compressed, n_window, tokens_per_split, n_splits, scale_log2e,
+    kv_heads, group, q_len, n_compressed, n_window, tokens_per_split, n_splits, scale_log2e, mask_floor,
     D: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NW32: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -166,7 +170,7 @@ def sparse_decode_kernel(
                                             NW32, INTERPRET)
             s = _scores(k0, k1, k2, k3, q0, q1, q2, q3, PRECISION, INTERPRET) * scale_log2e
             if MASK_MODE != 0:
-                s += _mask_bias(MASK, mask_base, t, t_ok, row_ok, MASK_MODE)
+                s += _mask_bias(MASK, mask_base, t, t_ok, row_ok, mask_floor, MASK_MODE)
             p, m_i, l_i, acc0, acc1, acc2, acc3 = _softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, t,
                                                                 last_visible, t_ok)
             v0, v1, v2, v3 = _expand_planes(vv_ptr, vb_ptr, t, t_ok, stride_vvt, stride_vbt, groups, group_ok,
@@ -181,7 +185,7 @@ def sparse_decode_kernel(
             k0, k1, k2, k3 = _load_planes(kw_ptr, t, t_ok, stride_kwt, groups, D)
             s = _scores(k0, k1, k2, k3, q0, q1, q2, q3, PRECISION, INTERPRET) * scale_log2e
             if MASK_MODE != 0:
-                s += _mask_bias(MASK, mask_base, n_compressed + t, t_ok, row_ok, MASK_MODE)
+                s += _mask_bias(MASK, mask_base, n_compressed + t, t_ok, row_ok, mask_floor, MASK_MODE)
             p, m_i, l_i, acc0, acc1, acc2, acc3 = _softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3,
                                                                 n_compressed + t, last_visible, t_ok)
             v0, v1, v2, v3 = _load_planes(vw_ptr, t, t_ok, stride_vwt, groups, D)

@@ -8,6 +8,7 @@ import torch
 
 from ..format import BitmapKV, num_words
 from ..kernels.decode import merge_splits_kernel, sparse_decode_kernel
+from ..reference import masked_floor
 from .common import LOG2E, cdiv, choose_splits, interpreting, next_pow2, on_device
 
 #: Tokens per inner step of a program.
@@ -27,12 +28,18 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
+    """``(mask, strides, mode, floor)``: mode 0 none, 1 bool, 2 additive; ``floor``: see :func:`masked_floor`."""
     if mask is None:
-        return None, (0, 0, 0), 0
+        return None, (0, 0, 0), 0, 0.0
     mask = mask.expand(shape)
     if mask.stride(-1) != 1:
         mask = mask.contiguous()
-    return mask, _strides(mask), 1 if mask.dtype == torch.bool else 2
+    if mask.dtype == torch.bool:
+        return mask, _strides(mask), 1, 0.0
+    floor = masked_floor(mask.dtype)
+    if floor < torch.finfo(torch.float32).min:  # a float64 mask: its masked entries load as -inf in fp32
+        floor = -math.inf
+    return mask, _strides(mask), 2, floor
 
 
 def decode_attention_triton(
@@ -71,7 +78,7 @@ def decode_attention_triton(
     l_part = torch.empty_like(m_part)
     kw = query if key_window is None else key_window
     vw = query if value_window is None else value_window
-    mask, mask_strides, mask_mode = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
+    mask, mask_strides, mask_mode, mask_floor = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
     kbits = key_bits.view(torch.int32)
     vbits = value_bits.view(torch.int32)
     with on_device(query):
@@ -82,7 +89,7 @@ def decode_attention_triton(
             kw, *_strides(kw), vw, *_strides(vw),
             query if mask is None else mask, *mask_strides,
             partial, m_part, l_part,
-            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E,
+            hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E, mask_floor,
             D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
             num_warps=4,
