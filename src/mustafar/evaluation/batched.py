@@ -27,11 +27,13 @@ from transformers.cache_utils import Cache
 
 from .._checks import check_positive_int
 from ..cache import MustafarCache
+from ..cache.rules import boundaries
+from ..format import bytes_per_token, dense_bytes_per_token
 from ..generation import cache_kwargs
 from .simulate import observe_queries
 
 __all__ = ["PaddedBatch", "left_pad", "length_batches", "batched_prefill", "fill_batch", "batched_greedy",
-           "auto_batch_size", "MAX_AUTO_BATCH", "PREFILL_ROWS"]
+           "auto_batch_size", "alone_nbytes", "MAX_AUTO_BATCH", "PREFILL_ROWS"]
 
 #: Most rows :func:`auto_batch_size` proposes (decode steps are Python-bound for small models: rows are cheap).
 MAX_AUTO_BATCH = 128
@@ -236,3 +238,22 @@ def auto_batch_size(model, tokens: int, free_bytes: int | None = None) -> int:
                  + _MLP_COPIES * cfg.intermediate_size * size + cfg.hidden_size * size)
     free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
     return max(1, min(MAX_AUTO_BATCH, int(_MEMORY_FRACTION * free // (per_token * max(1, tokens)))))
+
+
+def alone_nbytes(cache: MustafarCache, tokens: int) -> int:
+    """KV bytes one row of ``cache``'s layers would hold alone with ``tokens`` real tokens (no padding).
+
+    Per layer: the rule's boundary at ``tokens`` (:func:`mustafar.cache.rules.boundaries`) in the
+    compressed format (:func:`mustafar.format.bytes_per_token`, keys and values at their own
+    sparsities), the rest dense (the window). That is what ``cache.nbytes`` gives for that prompt
+    alone after the same tokens, since a lone row's store always reaches its boundary.
+    """
+    total = 0
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        heads, head_dim, dtype = layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype
+        stored = boundaries(tokens, [0], layer.window, layer.chunk)[0]
+        compressed = sum(bytes_per_token(head_dim, s, dtype) for s in (layer.key_sparsity, layer.value_sparsity))
+        total += heads * (stored * compressed + (tokens - stored) * 2 * dense_bytes_per_token(head_dim, dtype))
+    return total

@@ -29,9 +29,11 @@ from contextlib import nullcontext
 
 from tqdm.auto import tqdm
 
+from ..cache import MustafarCache
 from ..config import SparsityConfig
 from ..generation import eos_ids, fill_cache, kv_bytes, make_cache, prefill
-from .batched import auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad, length_batches
+from .batched import (alone_nbytes, auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad,
+                      length_batches)
 from .config import TASKS, EvalConfig
 from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
 from .longbench import LONGBENCH_TASKS
@@ -145,16 +147,16 @@ def _run_length(model, tokenizer, todo: list[Job], config: EvalConfig, store: Re
 def _row_bytes(cache, batch, row: int, fed: int) -> tuple[int, int]:
     """``(held, dense)`` KV bytes of batch row ``row`` when it stopped, ``fed`` tokens after its prompt.
 
-    Dense bytes are exactly those of that prompt alone (``prompt + fed`` tokens, at the bytes per
-    token of the batch, which holds ``width + fed`` per row, padding included). Held bytes apply
-    the batch's held / dense ratio to them: exact for an unpadded batch; with padding, the store
-    / window split is the batch's (the store moves at the smallest row boundary).
+    Those of that prompt alone after the same tokens: dense bytes at the batch's bytes per token
+    (it holds ``width + fed`` per row, padding included); held bytes of a ``MustafarCache`` from the
+    rule (:func:`~.batched.alone_nbytes`: a padded batch's store stops at its smallest row boundary,
+    so its own split is not the row's); other caches hold their dense bytes.
     """
     kv = kv_bytes(cache)
-    held, dense = kv.held, kv.dense
     width = batch.input_ids.shape[1]
-    alone = dense * (width - batch.pads[row] + fed) / (batch.rows * (width + fed))
-    return round(held / dense * alone) if dense else 0, round(alone)
+    tokens = width - batch.pads[row] + fed
+    dense = round(kv.dense * tokens / (batch.rows * (width + fed)))
+    return (alone_nbytes(cache, tokens) if isinstance(cache, MustafarCache) else dense), dense
 
 
 def _store_sample(store, job: Job, setting: SparsityConfig, output: str, new_tokens: int, nbytes: tuple[int, int],
