@@ -79,12 +79,13 @@ def test_auto_batch_size_is_one_off_cuda(model):
 
 
 def test_run_eval_batched_equals_unbatched_per_sample(model, tmp_path):
-    settings = tuple(mustafar.parse_setting(s, window=WINDOW, chunk=CHUNK) for s in ("dense", "K0.5V0.5", "K0.0V0.7"))
+    settings = tuple(mustafar.parse_setting(s, window=WINDOW, chunk=CHUNK)
+                     for s in ("dense", "K0.5V0.5", "K0.0V0.7", "K0.7V0.7-fp8"))
     common = dict(tasks=("niah_single_1", "vt", "cwe"), context_lengths=(300,), samples=3, methods=METHODS,
                   max_new_tokens_cap=6)
     one = run_eval(model, tiny_tokenizer(), EvalConfig(settings, batch_size=1, **common), progress=False)
     many = run_eval(model, tiny_tokenizer(), EvalConfig(settings, batch_size=3, **common), progress=False)
-    assert len(one) == len(many) == 3 * 3 * (1 + 2 * len(METHODS))
+    assert len(one) == len(many) == 3 * 3 * (1 + 2 * len(METHODS) + 1)  # FP8: per-token only
     fields = ("key", "output", "score", "correct", "prompt_tokens", "method", "simulated", "references")
     for a, b in zip(one, many):
         assert all(getattr(a, f) == getattr(b, f) for f in fields), (a, b)

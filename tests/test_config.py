@@ -45,7 +45,8 @@ def test_parse_number_forms(name, key, value):
 
 
 def test_registry_names_round_trip():
-    assert set(SETTINGS) == {"dense", "K0.5V0.5", "K0.7V0.7", "K0.5V0", "K0V0.5"}
+    assert set(SETTINGS) == {"dense", "K0.5V0.5", "K0.7V0.7", "K0.5V0", "K0V0.5", "K0.5V0.5-fp8", "K0.7V0.7-fp8",
+                             "K0V0-fp8"}  # the -fp8 rows: issue 15
     for name, cfg in SETTINGS.items():
         assert cfg.name == name
         assert parse_setting(name) == cfg

@@ -99,8 +99,9 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_format_imports_no_compute_layer():
     edges, _ = _graph()
-    below = {"mustafar._checks", "mustafar.pruning"}
+    below = {"mustafar._checks", "mustafar.pruning", "mustafar.fp8"}  # fp8: the FP8 kept-value rule (issue 15)
     assert edges["mustafar.format"] <= below, edges["mustafar.format"]
+    assert edges["mustafar.fp8"] <= {"mustafar._checks"}, edges["mustafar.fp8"]
 
 
 def test_no_private_name_is_imported_across_modules():

@@ -7,12 +7,16 @@ Entries, in the priority order of ``backend="auto"`` (:data:`TABLE`):
 
 1. ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (launcher :mod:`mustafar.launch.cuda`, compiled at
    first use): CUDA tensors on compute capability >= 8.0, fp16/bf16, head_dim 64 or 128, at most 16
-   query rows per KV head and a bool or no mask. Serves all four operations.
+   query rows per KV head and a bool or no mask, kept values in the cache dtype (not FP8). Serves all
+   four operations.
 2. ``"triton"``: the ``@triton.jit`` kernels of :mod:`mustafar.kernels` (launchers in
    :mod:`mustafar.launch`): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when asked for
    explicitly (``"auto"`` never picks the interpreter). Decode and compress only: it has no static form,
    so an explicit ``"triton"`` serves the static operations as ``"auto"`` does.
 3. ``"torch"``: the PyTorch references of :mod:`mustafar.reference`, any device, any input.
+
+FP8 kept values (``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`): Triton and the reference; the
+CUDA entry reports it does not read them (``"auto"`` then picks Triton, or the reference for the static ops).
 
 Operations (:data:`OPS`) and the inputs their ``supports_<op>`` methods read (keywords of :func:`pick`):
 
@@ -39,7 +43,8 @@ import os
 import torch
 
 from .errors import UnsupportedHardwareError
-from .format import BitmapKV, expand
+from .format import BitmapKV, expand_store
+from .fp8 import is_fp8, quantize_kept
 from .reference import compress_reference, decode_attention_reference
 
 __all__ = ["BACKENDS", "OPS", "TABLE", "UnsupportedHardwareError", "available_backends", "pick", "resolve_backend",
@@ -81,15 +86,22 @@ class TorchBackend:
             values = torch.cat([values, value_window], dim=2)
         return decode_attention_reference(query, keys, values, scale, attention_mask)
 
-    def compress(self, x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
-        values[...], bitmaps[...] = compress_reference(x, sparsity)
+    def compress(self, x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor,
+                 scales: torch.Tensor | None = None) -> None:
+        kept, bitmaps[...] = compress_reference(x, sparsity)
+        if scales is None:
+            values[...] = kept
+        else:
+            values[...], scales[...] = quantize_kept(kept)
 
     def static_decode(self, query, key_store: BitmapKV, value_store: BitmapKV, key_ring, value_ring, scale: float,
                       length: torch.Tensor) -> torch.Tensor:
         window = key_ring.shape[2]
         n_comp, n_win = (length - window).clamp(min=0), length.clamp(max=window)
-        keys = torch.cat([expand(*key_store.storage, key_store.head_dim), key_ring], dim=2)
-        values = torch.cat([expand(*value_store.storage, value_store.head_dim), value_ring], dim=2)
+        keys = torch.cat([expand_store(*key_store.storage, key_store.head_dim, key_store.scale_storage), key_ring],
+                         dim=2)
+        values = torch.cat([expand_store(*value_store.storage, value_store.head_dim, value_store.scale_storage),
+                            value_ring], dim=2)
         capacity = key_store.capacity
         slots = torch.arange(capacity + window, device=query.device)
         held = torch.where(slots < capacity, slots < n_comp, slots - capacity < n_win)
@@ -105,6 +117,11 @@ class TorchBackend:
         row = (length - w).clamp(min=0, max=capacity - 1).view(1)
         active = (length >= w) & (length - w < capacity)
         new_values, new_bitmaps = compress_reference(ring.index_select(2, slot), store.sparsity)
+        if store.is_fp8:
+            new_values, new_scales = quantize_kept(new_values)
+            scales = store.scale_storage
+            scales.index_copy_(2, row, torch.where(active, new_scales, scales.index_select(2, row)))
+            values, new_values = values.view(torch.uint8), new_values.view(torch.uint8)  # where has no fp8 kernel
         values.index_copy_(2, row, torch.where(active, new_values, values.index_select(2, row)))
         bitmaps.index_copy_(2, row, torch.where(active, new_bitmaps, bitmaps.index_select(2, row)))
 
@@ -136,10 +153,10 @@ class TritonBackend:
 
         return decode_attention_triton(query, key_cache, value_cache, key_window, value_window, scale, attention_mask)
 
-    def compress(self, x, sparsity, values, bitmaps) -> None:
+    def compress(self, x, sparsity, values, bitmaps, scales=None) -> None:
         from .launch.compress import compress_triton
 
-        compress_triton(x, sparsity, values, bitmaps)
+        compress_triton(x, sparsity, values, bitmaps, scales)
 
 
 class CudaBackend:
@@ -151,6 +168,7 @@ class CudaBackend:
                      "16 query rows per KV head (q_heads // kv_heads * q_len), rows contiguous in storage whose "
                      "capacity is a multiple of 16 tokens, and a bool or no mask")
     _NEEDS_COMPRESS = "fp16/bf16 rows of head_dim 64 or 128 on a CUDA device of compute capability >= 8.0"
+    _NO_FP8 = "it does not read or write FP8 kept values (kept_dtype=torch.float8_e4m3fn); 'auto' uses Triton for them"
 
     def unavailable(self) -> str | None:
         from .launch.cuda import cuda_available
@@ -158,6 +176,8 @@ class CudaBackend:
         return None if cuda_available() else "it needs a CUDA device of compute capability >= 8.0"
 
     def supports_decode(self, query, key_cache, value_cache, key_window=None, attention_mask=None, **_) -> str | None:
+        if key_cache.is_fp8 or value_cache.is_fp8:
+            return self._NO_FP8
         if not query.is_cuda:
             return f"it runs on CUDA tensors, got device {query.device}"
         from .launch.cuda import cuda_available, cuda_supported
@@ -171,6 +191,8 @@ class CudaBackend:
         return self.supports_decode(query, key_cache, value_cache, key_window)
 
     def supports_compress(self, x, values, bitmaps, **_) -> str | None:
+        if is_fp8(values.dtype):
+            return self._NO_FP8
         if not x.is_cuda:
             return f"it runs on CUDA tensors, got device {x.device}"
         from .launch.cuda import compress_supported
@@ -186,7 +208,7 @@ class CudaBackend:
 
         return decode_attention_cuda(query, key_cache, value_cache, key_window, value_window, scale, attention_mask)
 
-    def compress(self, x, sparsity, values, bitmaps) -> None:
+    def compress(self, x, sparsity, values, bitmaps, scales=None) -> None:
         from .launch.cuda import compress_cuda
 
         compress_cuda(x, values, bitmaps)

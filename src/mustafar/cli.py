@@ -127,6 +127,8 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (TextStreamer)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
+    kept_dtype: str = typer.Option("cache", help="Kept values of the compressed store: 'cache' (the cache dtype) "
+                                   "or 'fp8' (e4m3, one scale per token and head)."),
     verbose: bool = VerboseOption,
 ):
     """Greedy chat generation with the sparse KV cache; prints the answer and the KV memory held."""
@@ -137,7 +139,8 @@ def generate(
     from .generation import cache_kwargs, chat_input_ids, kv_bytes, make_cache
 
     try:
-        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk)
+        config = SparsityConfig(k_sparsity, v_sparsity, window, chunk,
+                                kept_dtype=None if kept_dtype == "cache" else kept_dtype)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     _check_device(device)
@@ -168,7 +171,8 @@ def generate(
 def evaluate(
     ctx: typer.Context,
     model: str | None = ModelOption,
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default=_listed(DEFAULT_SETTINGS)),
     methods: str = typer.Option("per-token", help="Comma-separated pruning methods: per-token (real compressed "
                                 "cache), output-aware, per-channel, think (simulated: pruned, stored dense)."),
@@ -319,7 +323,8 @@ def bench(
                                        show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
                                        show_default="4096,16384,32768 within the shape's positions; tiny: 256,1024"),
-    settings: str | None = typer.Option(None, help="Comma-separated settings: dense or K<s>V<s>.",
+    settings: str | None = typer.Option(None, help="Comma-separated settings: dense, K<s>V<s>, or K<s>V<s>-fp8 "
+                                        "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
                                      "decode loop on static caches).", show_default="generate,graph"),

@@ -1,7 +1,10 @@
 """Sparsity settings: a frozen dataclass and the registry of named settings (``K0.5V0.5``).
 
 Names follow the Mustafar paper (arXiv 2505.22913): ``K0.5V0.7`` prunes 50 % of
-each Key vector and 70 % of each Value vector; ``dense`` prunes nothing.
+each Key vector and 70 % of each Value vector; ``dense`` prunes nothing. A ``-fp8``
+suffix (``K0.7V0.7-fp8``) stores the kept values as FP8 e4m3 with one scale per token
+and head (issue 15, :mod:`mustafar.fp8`); ``K0V0-fp8`` prunes nothing and quantises
+every entry: the dense-FP8-equivalent row.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ._checks import check_positive_int, check_sparsity
+from .fp8 import FP8_NAMES, check_kept_dtype
 
 __all__ = ["SparsityConfig", "parse_setting", "SETTINGS"]
 
 _NAME = re.compile(r"^K(?P<k>[0-9]*\.?[0-9]+)V(?P<v>[0-9]*\.?[0-9]+)$")
+#: Suffix of the setting names with FP8 kept values.
+FP8_SUFFIX = "-fp8"
+#: The value of :attr:`SparsityConfig.kept_dtype` for FP8 kept values (a name: results are JSON).
+FP8_KEPT = "float8_e4m3fn"
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,9 @@ class SparsityConfig:
             the paper's residual length), >= 0.
         chunk: tokens moved from the window to the compressed store at once, >= 1.
         method: pruning rule name (see :data:`mustafar.pruning.RULES`).
+        kept_dtype: ``None`` (kept values in the cache dtype) or ``"float8_e4m3fn"`` (FP8 kept values,
+            one scale per token and head; also given as ``torch.float8_e4m3fn`` or ``"fp8"``). Only the
+            ``per-token`` method stores FP8.
     """
 
     key_sparsity: float = 0.5
@@ -35,6 +46,7 @@ class SparsityConfig:
     window: int = 32
     chunk: int = 256
     method: str = "per-token"
+    kept_dtype: str | None = None
 
     def __post_init__(self):
         from .pruning import get_rule
@@ -46,17 +58,37 @@ class SparsityConfig:
         if not isinstance(self.method, str):
             raise TypeError(f"method must be a rule name (str), got {type(self.method).__name__} {self.method!r}")
         get_rule(self.method)
+        if self.kept_dtype is not None:
+            if check_kept_dtype(self.kept_dtype) is None or not self.fp8_like(self.kept_dtype):
+                raise TypeError(f"kept_dtype must be None (the cache dtype) or 'float8_e4m3fn', got "
+                                f"{self.kept_dtype!r}")
+            object.__setattr__(self, "kept_dtype", FP8_KEPT)
+            if self.method != "per-token":
+                raise ValueError(f"kept_dtype='float8_e4m3fn' needs method 'per-token' (the only rule the format "
+                                 f"stores), got {self.method!r}")
+
+    @staticmethod
+    def fp8_like(kept_dtype: object) -> bool:
+        """Whether ``kept_dtype`` names FP8 (``torch.float8_e4m3fn``, ``"fp8"`` or ``"float8_e4m3fn"``)."""
+        return kept_dtype in FP8_NAMES or str(kept_dtype) == "torch.float8_e4m3fn"
 
     @property
     def name(self) -> str:
-        """``dense`` or ``K{key_sparsity}V{value_sparsity}``."""
-        if self.key_sparsity == 0 and self.value_sparsity == 0:
+        """``dense``, ``K{key_sparsity}V{value_sparsity}``, or either sparse name with ``-fp8`` (``K0V0-fp8``)."""
+        if self.is_dense:
             return "dense"
-        return f"K{_decimal(self.key_sparsity)}V{_decimal(self.value_sparsity)}"
+        base = f"K{_decimal(self.key_sparsity)}V{_decimal(self.value_sparsity)}"
+        return base + FP8_SUFFIX if self.fp8 else base
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the kept values are FP8 (e4m3)."""
+        return self.kept_dtype == FP8_KEPT
 
     @property
     def is_dense(self) -> bool:
-        return self.key_sparsity == 0 and self.value_sparsity == 0
+        """No pruning and kept values in the cache dtype (``K0V0-fp8`` is not dense: it quantises)."""
+        return self.key_sparsity == 0 and self.value_sparsity == 0 and not self.fp8
 
 
 def _decimal(x: float) -> str:
@@ -66,23 +98,30 @@ def _decimal(x: float) -> str:
 
 
 def parse_setting(name: str, **overrides) -> SparsityConfig:
-    """``"dense"`` or ``"K0.5V0.7"`` -> :class:`SparsityConfig` (other fields from ``overrides``).
+    """``"dense"``, ``"K0.5V0.7"`` or ``"K0.5V0.7-fp8"`` -> :class:`SparsityConfig` (other fields from ``overrides``).
+
+    ``-fp8``: FP8 kept values (``kept_dtype="float8_e4m3fn"``); ``dense-fp8`` is ``K0V0-fp8``.
 
     Raises:
         ValueError: a name of another form, or sparsities outside [0, 1).
     """
     if not isinstance(name, str):
-        raise TypeError(f"setting must be a string like 'K0.5V0.5' or 'dense', got {type(name).__name__}")
+        raise TypeError(f"setting must be a string like 'K0.5V0.5', 'K0.7V0.7-fp8' or 'dense', got "
+                        f"{type(name).__name__}")
     text = name.strip()
+    if text.lower().endswith(FP8_SUFFIX):
+        text = text[: -len(FP8_SUFFIX)]
+        overrides = {**overrides, "kept_dtype": FP8_KEPT}
     if text.lower() == "dense":
         return SparsityConfig(0.0, 0.0, **overrides)
     match = _NAME.match(text)
     if match is None:
-        raise ValueError(f"setting must look like 'K0.5V0.5' or 'dense', got {name!r}")
+        raise ValueError(f"setting must look like 'K0.5V0.5', 'K0.5V0.5-fp8' or 'dense', got {name!r}")
     return SparsityConfig(float(match["k"]), float(match["v"]), **overrides)
 
 
 #: Named settings used by the command line and the benchmarks.
 SETTINGS: dict[str, SparsityConfig] = {
-    cfg.name: cfg for cfg in (parse_setting(n) for n in ("dense", "K0.5V0.5", "K0.7V0.7", "K0.5V0.0", "K0.0V0.5"))
+    cfg.name: cfg for cfg in (parse_setting(n) for n in ("dense", "K0.5V0.5", "K0.7V0.7", "K0.5V0.0", "K0.0V0.5",
+                                                         "K0.5V0.5-fp8", "K0.7V0.7-fp8", "K0V0-fp8"))
 }

@@ -17,6 +17,13 @@ index in ``values``. Bytes per token and head:
 head_dim 128 in fp16 that is 94 B at sparsity 0.7 (36.7 % of dense) and 144 B
 at 0.5 (56.3 %).
 
+**FP8 kept values** (``kept_dtype=torch.float8_e4m3fn``, issue 15): ``values`` are
+``float8_e4m3fn`` and a third tensor ``scales [batch, kv_heads, tokens]`` in the cache
+dtype holds one scale per token and head (the rule: :mod:`mustafar.fp8`); the bitmap is
+the one of the cache dtype. Bytes per token and head: ``k_keep + 8 * ceil(head_dim / 64)
++ itemsize``: at head_dim 128, fp16, 57 B at sparsity 0.7 (22.3 % of dense), 82 B at 0.5
+(32.0 %), 146 B at 0 (57.0 %).
+
 Example::
 
     >>> import torch, mustafar
@@ -33,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import CACHE_DTYPES, check_head_dim, check_positive_int, check_sparsity, check_tensor
+from .fp8 import FP8_DTYPE, check_kept_dtype, dequantize_kept, is_fp8, kept_itemsize, quantize_kept, scale_itemsize
 from .pruning import keep_count, topk_mask
 
 __all__ = ["BitmapKV", "bytes_per_token", "compress_rows", "dense_bytes_per_token", "WORD_BITS"]
@@ -51,17 +59,24 @@ def num_words(head_dim: int) -> int:
     return -(-head_dim // WORD_BITS)
 
 
-def bytes_per_token(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes one token of one KV head takes in the format: ``k_keep * itemsize + 8 * ceil(head_dim / 64)``.
+def bytes_per_token(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16,
+                    kept_dtype: torch.dtype | None = None) -> int:
+    """Bytes one token of one KV head takes in the format.
+
+    ``k_keep * itemsize + 8 * ceil(head_dim / 64)`` with kept values in the cache ``dtype`` (``kept_dtype``
+    ``None`` or ``dtype``); ``k_keep * 1 + 8 * ceil(head_dim / 64) + itemsize`` (the scale) with
+    ``kept_dtype=torch.float8_e4m3fn``.
 
     Raises:
-        TypeError / ValueError: head_dim not an int in [1, 256], a bad sparsity, a dtype other than fp16/bf16/fp32.
+        TypeError / ValueError: head_dim not an int in [1, 256], a bad sparsity, a dtype other than fp16/bf16/fp32,
+            a ``kept_dtype`` other than those above.
     """
     head_dim = check_head_dim("head_dim", head_dim)
     if dtype not in CACHE_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return keep_count(head_dim, sparsity) * itemsize + 8 * num_words(head_dim)
+    kept = check_kept_dtype(kept_dtype, dtype)
+    return (keep_count(head_dim, sparsity) * kept_itemsize(kept, dtype) + 8 * num_words(head_dim)
+            + scale_itemsize(kept, dtype))
 
 
 def dense_bytes_per_token(head_dim: int, dtype: torch.dtype = torch.float16) -> int:
@@ -128,17 +143,20 @@ class BitmapKV:
     """
 
     def __init__(self, values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int, sparsity: float,
-                 check_bits: bool = True):
+                 check_bits: bool = True, scales: torch.Tensor | None = None):
         """Wrap ``values [b, h, t, k_keep]`` and ``bitmaps [b, h, t, words]`` (int64) as a store of ``t`` tokens.
 
         With ``check_bits`` (default), every bitmap row must have exactly ``k_keep`` bits set, none at or past
-        ``head_dim`` (one pass over the bitmaps, a host synchronisation on a GPU).
+        ``head_dim`` (one pass over the bitmaps, a host synchronisation on a GPU). FP8 kept values
+        (``values`` of dtype ``float8_e4m3fn``) need ``scales [b, h, t]`` in the cache dtype (fp16/bf16/fp32;
+        the rule: :mod:`mustafar.fp8`); other values take no ``scales``.
 
         Raises:
             TypeError / ValueError: dtypes, shapes, devices or bitmaps that do not form the format.
         """
-        check_tensor("values", values, ndim=4)
+        check_tensor("values", values, ndim=4, dtypes=CACHE_DTYPES + ((FP8_DTYPE,) if FP8_DTYPE else ()))
         check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
+        _check_scales(values, scales)
         self.head_dim = check_head_dim("head_dim", head_dim)
         self.sparsity = check_sparsity("sparsity", sparsity)
         self.k_keep = keep_count(self.head_dim, self.sparsity)
@@ -153,7 +171,7 @@ class BitmapKV:
             raise ValueError(f"bitmaps must be on the values' device {values.device}, got {bitmaps.device}")
         if check_bits:
             self._check_bits(bitmaps)
-        self._values, self._bitmaps, self._tokens = values, bitmaps, values.shape[2]
+        self._values, self._bitmaps, self._tokens, self._scales = values, bitmaps, values.shape[2], scales
 
     def _check_bits(self, bitmaps: torch.Tensor) -> None:
         bits = unpack_bitmaps(bitmaps, bitmaps.shape[-1] * WORD_BITS)
@@ -172,16 +190,28 @@ class BitmapKV:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         capacity: int = 0,
+        kept_dtype: torch.dtype | None = None,
     ) -> "BitmapKV":
-        """An empty store with room for ``capacity`` tokens before it grows."""
+        """An empty store with room for ``capacity`` tokens before it grows.
+
+        ``dtype``: the cache dtype; ``kept_dtype``: ``None`` or ``dtype`` (kept values in the cache dtype)
+        or ``torch.float8_e4m3fn`` (FP8 kept values and one scale per token-head, see :mod:`mustafar.fp8`).
+
+        Raises:
+            TypeError: a ``kept_dtype`` other than those (``torch.int8``, ``torch.float8_e5m2``, ...).
+        """
         check_positive_int("batch", batch)
         check_positive_int("kv_heads", kv_heads)
         check_positive_int("capacity", capacity, minimum=0)
         k_keep = keep_count(check_head_dim("head_dim", head_dim), sparsity)
+        if dtype not in CACHE_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32 (the cache dtype), got {dtype}")
+        kept = check_kept_dtype(kept_dtype, dtype)
         capacity = _round_up(capacity, CAPACITY_GRANULE)
-        values = torch.zeros(batch, kv_heads, capacity, k_keep, dtype=dtype, device=device)
+        values = torch.zeros(batch, kv_heads, capacity, k_keep, dtype=kept or dtype, device=device)
         bitmaps = torch.zeros(batch, kv_heads, capacity, num_words(head_dim), dtype=torch.int64, device=device)
-        store = cls(values, bitmaps, head_dim, sparsity, check_bits=False)
+        scales = torch.zeros(batch, kv_heads, capacity, dtype=dtype, device=device) if kept else None
+        store = cls(values, bitmaps, head_dim, sparsity, check_bits=False, scales=scales)
         store._tokens = 0
         return store
 
@@ -207,6 +237,27 @@ class BitmapKV:
         return self._bitmaps.narrow(2, 0, self._tokens)
 
     @property
+    def scales(self) -> torch.Tensor | None:
+        """``[batch, kv_heads, tokens]``, cache dtype (a view): one scale per token-head of FP8 kept values;
+        ``None`` when the kept values are in the cache dtype."""
+        return None if self._scales is None else self._scales.narrow(2, 0, self._tokens)
+
+    @property
+    def scale_storage(self) -> torch.Tensor | None:
+        """The whole scales buffer ``[b, h, capacity]`` (FP8 kept values), else ``None``; see :attr:`storage`."""
+        return self._scales
+
+    @property
+    def kept_dtype(self) -> torch.dtype:
+        """dtype of :attr:`values`: the cache dtype, or ``torch.float8_e4m3fn``."""
+        return self._values.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the kept values are FP8 (e4m3) with a scale per token-head."""
+        return self._scales is not None
+
+    @property
     def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers ``(values [b, h, capacity, k_keep], bitmaps [b, h, capacity, words])``.
 
@@ -223,7 +274,8 @@ class BitmapKV:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._values.dtype
+        """The cache dtype (of :meth:`decompress`, of the rows appended, of the scales)."""
+        return self._values.dtype if self._scales is None else self._scales.dtype
 
     @property
     def device(self) -> torch.device:
@@ -231,30 +283,34 @@ class BitmapKV:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tokens held (values + bitmaps): ``batch * kv_heads * tokens * bytes_per_token``."""
-        return self.values.numel() * self.values.element_size() + self.bitmaps.numel() * 8
+        """Bytes of the tokens held (values + bitmaps + FP8 scales): ``batch * kv_heads * tokens * bytes_per_token``."""
+        scales = 0 if self._scales is None else self.scales.numel() * self._scales.element_size()
+        return self.values.numel() * self.values.element_size() + self.bitmaps.numel() * 8 + scales
 
     @property
     def allocated_nbytes(self) -> int:
         """Bytes allocated, including room for tokens not yet appended."""
-        return self._values.numel() * self._values.element_size() + self._bitmaps.numel() * 8
+        scales = 0 if self._scales is None else self._scales.numel() * self._scales.element_size()
+        return self._values.numel() * self._values.element_size() + self._bitmaps.numel() * 8 + scales
 
     @property
     def dense_nbytes(self) -> int:
-        """Bytes the same tokens would take dense in the same dtype."""
+        """Bytes the same tokens would take dense in the cache dtype."""
         b, h, t, d = self.shape
-        return b * h * t * d * self._values.element_size()
+        return b * h * t * d * torch.empty((), dtype=self.dtype).element_size()
 
     def __repr__(self) -> str:
         return (
             f"BitmapKV(shape={self.shape}, sparsity={self.sparsity}, k_keep={self.k_keep}, "
-            f"dtype={str(self.dtype).replace('torch.', '')}, nbytes={self.nbytes})"
+            f"dtype={str(self.dtype).replace('torch.', '')}"
+            + (", kept_dtype=float8_e4m3fn" if self.is_fp8 else "") + f", nbytes={self.nbytes})"
         )
 
     # -------------------------------------------------------------- operations
     def decompress(self) -> torch.Tensor:
-        """Dense ``[batch, kv_heads, tokens, head_dim]`` tensor, zeros where pruned."""
-        return expand(self.values, self.bitmaps, self.head_dim)
+        """Dense ``[batch, kv_heads, tokens, head_dim]`` tensor in the cache dtype, zeros where pruned
+        (FP8 kept values dequantised first, see :mod:`mustafar.fp8`)."""
+        return expand_store(self.values, self.bitmaps, self.head_dim, self.scales)
 
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` in total, growing the capacity by :data:`GROWTH` (amortised O(1) per token)."""
@@ -263,6 +319,8 @@ class BitmapKV:
         new_capacity = _round_up(max(tokens, int(GROWTH * self.capacity)), CAPACITY_GRANULE)
         self._values = _grown(self._values, new_capacity, self._tokens)
         self._bitmaps = _grown(self._bitmaps, new_capacity, self._tokens)
+        if self._scales is not None:
+            self._scales = _grown(self._scales.unsqueeze(-1), new_capacity, self._tokens).squeeze(-1)
 
     def append(self, x: torch.Tensor) -> None:
         """Prune (per token) and compress new rows ``x [batch, kv_heads, n, head_dim]`` and append them.
@@ -274,7 +332,11 @@ class BitmapKV:
             TypeError / ValueError: ``x`` of another dtype, batch, head count or head_dim.
         """
         self.check_rows(x)
-        self.append_compressed(*compress_rows(x, self.sparsity))
+        values, bitmaps = compress_rows(x, self.sparsity)
+        scales = None
+        if self.is_fp8:
+            values, scales = quantize_kept(values)
+        self.append_compressed(values, bitmaps, scales)
 
     def advance(self, tokens: int) -> None:
         """Count ``tokens`` more rows, already written into :attr:`storage` after the held ones (by a kernel).
@@ -286,15 +348,21 @@ class BitmapKV:
             raise ValueError(f"tokens must be in [0, {self.capacity - self._tokens}] (the free capacity), got {tokens}")
         self._tokens += tokens
 
-    def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor) -> None:
-        """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``).
+    def append_compressed(self, values: torch.Tensor, bitmaps: torch.Tensor,
+                          scales: torch.Tensor | None = None) -> None:
+        """Append rows already in the format (``values [b, h, n, k_keep]``, ``bitmaps [b, h, n, words]``,
+        and for FP8 kept values ``scales [b, h, n]``).
 
         Raises:
-            TypeError: ``values`` not of the store's dtype, ``bitmaps`` not int64.
+            TypeError: ``values`` not of the store's kept dtype, ``bitmaps`` not int64, scales missing or not
+                of the cache dtype (FP8), or given (no FP8).
             ValueError: wrong ranks or shapes.
         """
-        check_tensor("values", values, ndim=4, dtypes=(self.dtype,))
+        check_tensor("values", values, ndim=4, dtypes=(self.kept_dtype,))
         check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
+        _check_scales(values, scales)
+        if scales is not None and scales.dtype != self.dtype:
+            raise TypeError(f"scales must have the store's cache dtype {self.dtype}, got {scales.dtype}")
         if values.device != self.device or bitmaps.device != self.device:
             raise ValueError(f"values and bitmaps must be on the store's device {self.device}, got "
                              f"{values.device} and {bitmaps.device}")
@@ -309,6 +377,8 @@ class BitmapKV:
         self.reserve(self._tokens + n)
         self._values[:, :, self._tokens : self._tokens + n] = values
         self._bitmaps[:, :, self._tokens : self._tokens + n] = bitmaps
+        if scales is not None:
+            self._scales[:, :, self._tokens : self._tokens + n] = scales
         self._tokens += n
 
     def truncate(self, tokens: int) -> None:
@@ -334,6 +404,8 @@ class BitmapKV:
         index = index.to(self.device)
         self._values = self._values.index_select(0, index)
         self._bitmaps = self._bitmaps.index_select(0, index)
+        if self._scales is not None:
+            self._scales = self._scales.index_select(0, index)
 
     def check_rows(self, x: torch.Tensor) -> None:
         """Raise unless ``x`` is ``[batch, kv_heads, n, head_dim]`` rows of this store's dtype, device and sizes."""
@@ -345,6 +417,27 @@ class BitmapKV:
             raise ValueError(f"x must be on the store's device {self.device}, got {x.device}")
         if x.shape[0] != b or x.shape[1] != h or x.shape[3] != self.head_dim:
             raise ValueError(f"x must be [{b}, {h}, n, {self.head_dim}], got {tuple(x.shape)}")
+
+
+def expand_store(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`expand` of a store's rows, FP8 kept values dequantised with ``scales [...]`` first (cache dtype)."""
+    return expand(values if scales is None else dequantize_kept(values, scales), bitmaps, head_dim)
+
+
+def _check_scales(values: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """FP8 ``values [b, h, t, k]`` need ``scales [b, h, t]`` of a cache dtype on their device; others none."""
+    if not is_fp8(values.dtype):
+        if scales is not None:
+            raise TypeError(f"scales are only for float8_e4m3fn values, got values of {values.dtype} and scales")
+        return
+    if scales is None:
+        raise TypeError("scales must be given with float8_e4m3fn values ([batch, kv_heads, tokens], cache dtype), "
+                        "got None")
+    check_tensor("scales", scales, ndim=3)
+    if scales.shape != values.shape[:3] or scales.device != values.device:
+        raise ValueError(f"scales must be {tuple(values.shape[:3])} on {values.device}, got {tuple(scales.shape)} "
+                         f"on {scales.device}")
 
 
 def _round_up(n: int, granule: int) -> int:

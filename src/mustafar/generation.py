@@ -73,7 +73,8 @@ def make_cache(config: SparsityConfig, mode: str = "generate", *, model=None, ba
         return StaticCache(config=model.config, max_cache_len=max_tokens)
     return StaticMustafarCache(model.config, batch_size=batch, max_tokens=max_tokens,
                                key_sparsity=config.key_sparsity, value_sparsity=config.value_sparsity,
-                               window=max(1, config.window), dtype=model.dtype, device=model.device, backend=backend)
+                               window=max(1, config.window), dtype=model.dtype, device=model.device, backend=backend,
+                               kept_dtype=config.kept_dtype)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class KVBytes:
     """KV memory of a cache, all layers, in bytes.
 
     Attributes:
-        held: bytes of the tokens held (for the Mustafar caches: compressed values + bitmaps + the dense window).
+        held: bytes of the tokens held (for the Mustafar caches: compressed values + bitmaps (+ FP8 scales) + the
+            dense window).
         dense: bytes a dense cache of the same tokens and dtype would hold.
         allocated: bytes allocated, room not yet used included.
     """

@@ -6,6 +6,10 @@ tensors, or the CPU under ``TRITON_INTERPRET=1``) and ``"cuda"`` (the CUDA C++ k
 compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16 query rows per KV head). ``"auto"`` picks
 the first of CUDA, Triton, reference that serves the inputs (Triton and CUDA only for CUDA tensors);
 :func:`mustafar.resolve_backend` names it.
+
+FP8 kept values (stores with ``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`) are served by Triton
+and the reference; the CUDA entry of the table reports that it does not read them, so ``"auto"`` sends them
+to Triton on a GPU and ``"cuda"`` raises :class:`UnsupportedHardwareError`.
 """
 
 from __future__ import annotations
@@ -15,29 +19,34 @@ import torch
 from ._checks import check_head_dim, check_positive_int, check_scale, check_tensor
 from .backends import BACKENDS, UnsupportedHardwareError, available_backends, pick, triton_available
 from .format import BitmapKV, num_words
+from .fp8 import FP8_DTYPE, is_fp8
 from .pruning import keep_count
 
 __all__ = ["sparse_decode_attention", "compress", "compress_into", "append", "BACKENDS", "UnsupportedHardwareError",
            "available_backends", "triton_available"]
 
 def compress_into(
-    x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto"
+    x: torch.Tensor, sparsity: float, values: torch.Tensor, bitmaps: torch.Tensor, offset: int, backend: str = "auto",
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Prune and compress ``x [b, h, n, d]`` into ``values[:, :, offset:offset+n]`` and ``bitmaps[...]`` in place.
 
     ``values``: ``[b, h, capacity, k_keep]`` of ``x``'s dtype and ``bitmaps``: ``[b, h, capacity, ceil(d/64)]``
     int64 (a store's :attr:`~mustafar.format.BitmapKV.storage`), rows contiguous, on ``x``'s device;
-    ``0 <= offset`` and ``offset + n <= capacity``. Backends as for :func:`sparse_decode_attention`; all give
-    identical bits.
+    ``0 <= offset`` and ``offset + n <= capacity``. FP8 kept values: ``values`` of dtype ``float8_e4m3fn``
+    and ``scales [b, h, capacity]`` of ``x``'s dtype (:attr:`~mustafar.format.BitmapKV.scale_storage`), the
+    rule of :mod:`mustafar.fp8`. Backends as for :func:`sparse_decode_attention`; all give identical bits.
 
     Raises:
         TypeError / ValueError: any of the above not met.
+        UnsupportedHardwareError: ``backend="cuda"`` with FP8 kept values.
     """
-    _check_compress_inputs(x, sparsity, values, bitmaps, offset)
+    _check_compress_inputs(x, sparsity, values, bitmaps, offset, scales)
     n = x.shape[2]
     out_values, out_bitmaps = values[:, :, offset : offset + n], bitmaps[:, :, offset : offset + n]
+    out_scales = None if scales is None else scales[:, :, offset : offset + n]
     pick("compress", backend, x=x, values=out_values, bitmaps=out_bitmaps).compress(x, sparsity, out_values,
-                                                                                     out_bitmaps)
+                                                                                     out_bitmaps, out_scales)
 
 
 def append(store: BitmapKV, x: torch.Tensor, backend: str = "auto") -> None:
@@ -54,36 +63,48 @@ def append(store: BitmapKV, x: torch.Tensor, backend: str = "auto") -> None:
     start = store.tokens
     store.reserve(start + x.shape[2])
     values, bitmaps = store.storage
-    compress_into(x, store.sparsity, values, bitmaps, start, backend)
+    compress_into(x, store.sparsity, values, bitmaps, start, backend, scales=store.scale_storage)
     store.advance(x.shape[2])
 
 
-def compress(x: torch.Tensor, sparsity: float, backend: str = "auto") -> BitmapKV:
+def compress(x: torch.Tensor, sparsity: float, kept_dtype: torch.dtype | None = None,
+             backend: str = "auto") -> BitmapKV:
     """Per-token prune ``x`` ``[batch, kv_heads, tokens, head_dim]`` and store it as a :class:`BitmapKV`.
 
     ``x``: fp16, bf16 or fp32, any head_dim in 1..256. ``sparsity``: fraction of
     each token's entries zeroed, in [0, 1). ``compress(x, s).decompress()``
     equals ``prune_per_token(x, s)`` exactly, whichever ``backend`` compresses. Source: Mustafar, arXiv 2505.22913.
 
+    ``kept_dtype``: ``None`` or ``x.dtype`` (default: kept values in ``x``'s dtype) or ``torch.float8_e4m3fn``
+    (kept values in e4m3, one scale per token and head: ``scale = max kept |x| / 448``, the rule of
+    :mod:`mustafar.fp8`); the bitmap is the same, and ``decompress()`` returns ``x``'s dtype.
+
     Raises:
-        TypeError: ``x`` not a tensor of a cache dtype.
+        TypeError: ``x`` not a tensor of a cache dtype; an unsupported ``kept_dtype``.
         ValueError: wrong rank, head_dim over 256, sparsity outside [0, 1).
     """
     check_tensor("x", x, ndim=4)
     check_head_dim("x", x.shape[-1])
     b, h, t, d = x.shape
-    store = BitmapKV.empty(b, h, d, sparsity, dtype=x.dtype, device=x.device, capacity=t)
+    store = BitmapKV.empty(b, h, d, sparsity, dtype=x.dtype, device=x.device, capacity=t, kept_dtype=kept_dtype)
     if t:
         append(store, x, backend)
     return store
 
 
-def _check_compress_inputs(x, sparsity, values, bitmaps, offset) -> None:
+def _check_compress_inputs(x, sparsity, values, bitmaps, offset, scales=None) -> None:
     check_tensor("x", x, ndim=4)
     b, h, n, d = x.shape
     check_head_dim("x", d)
     k_keep = keep_count(d, sparsity)
-    check_tensor("values", values, ndim=4, dtypes=(x.dtype,))
+    check_tensor("values", values, ndim=4, dtypes=(x.dtype,) if scales is None else (FP8_DTYPE,))
+    if scales is not None:
+        check_tensor("scales", scales, ndim=3, dtypes=(x.dtype,))
+        if scales.shape != values.shape[:3] or scales.device != x.device or scales.stride(-1) != 1:
+            raise ValueError(f"scales must be {tuple(values.shape[:3])}, contiguous, on {x.device}, got "
+                             f"{tuple(scales.shape)} on {scales.device}")
+    elif is_fp8(values.dtype):
+        raise TypeError("scales must be given with float8_e4m3fn values, got None")
     check_tensor("bitmaps", bitmaps, ndim=4, dtypes=(torch.int64,))
     if values.shape[:2] != (b, h) or values.shape[3] != k_keep or bitmaps.shape != values.shape[:3] + (
             num_words(d),):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from .format import compress_rows, expand
+from .fp8 import dequantize_kept, quantize_kept
 
-__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference", "masked_floor"]
+__all__ = ["compress_reference", "decompress_reference", "decode_attention_reference", "masked_floor",
+           "prune_kept_reference"]
 
 #: An additive mask entry at or below this fraction of its dtype's ``finfo.min`` masks its key (issue 17):
 #: transformers writes ``finfo(dtype).min`` for masked keys, a sum of two such entries clamps there too.
@@ -25,6 +27,18 @@ def masked_floor(dtype: torch.dtype) -> float:
 #: Per-token prune and compress ``x [..., head_dim]`` -> ``(values [..., k_keep], bitmaps [..., words])``;
 #: the format owns the rule (:func:`mustafar.format.compress_rows`), this is its name among the references.
 compress_reference = compress_rows
+
+
+def prune_kept_reference(x: torch.Tensor, sparsity: float, fp8: bool) -> torch.Tensor:
+    """``x [..., head_dim]`` pruned per token, and with ``fp8`` its kept values quantised to e4m3 and back.
+
+    What a store of kept dtype FP8 (or the cache dtype) decompresses to, in ``x``'s dtype: the attention
+    reads window tokens that the rule prunes through it, so they match the store bit for bit.
+    """
+    values, bitmaps = compress_reference(x, sparsity)
+    if fp8:
+        values = dequantize_kept(*quantize_kept(values))
+    return expand(values, bitmaps, x.shape[-1])
 
 
 def decompress_reference(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -13,8 +13,7 @@ import torch
 
 from ..cache import StaticMustafarCache, static_evict
 from ..config import SparsityConfig
-from ..format import num_words
-from ..pruning import keep_count
+from ..format import BitmapKV
 
 __all__ = ["CompressOp", "compress_op"]
 
@@ -62,12 +61,12 @@ def _chunk_compress_op(setting: SparsityConfig, batch: int, model, backend: str)
     rows = torch.randn(shape, dtype=model.dtype, device=model.device)
     outputs = []
     for sparsity in (setting.key_sparsity, setting.value_sparsity):
-        values = torch.empty(*shape[:3], keep_count(shape[3], sparsity), dtype=model.dtype, device=model.device)
-        bitmaps = torch.empty(*shape[:3], num_words(shape[3]), dtype=torch.int64, device=model.device)
-        outputs.append((sparsity, values, bitmaps))
+        store = BitmapKV.empty(*shape[:2], shape[3], sparsity, model.dtype, model.device, capacity=shape[2],
+                               kept_dtype=setting.kept_dtype)
+        outputs.append((sparsity, *store.storage, store.scale_storage))
 
     def run():
-        for sparsity, values, bitmaps in outputs:
-            compress_into(rows, sparsity, values, bitmaps, 0, backend)
+        for sparsity, values, bitmaps, scales in outputs:
+            compress_into(rows, sparsity, values, bitmaps, 0, backend, scales=scales)
 
     return CompressOp(run, per_step=1.0 / setting.chunk, tokens_per_call=setting.chunk)

@@ -52,7 +52,7 @@ def _kv_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, tokens
     window = max(1, setting.window) if mode == "graph" else setting.window + setting.chunk
     window = min(window, tokens)
     sparsities = (setting.key_sparsity, setting.value_sparsity)
-    sparse_token = sum(bytes_per_token(dims["head_dim"], s, dtype) for s in sparsities)
+    sparse_token = sum(bytes_per_token(dims["head_dim"], s, dtype, setting.kept_dtype) for s in sparsities)
     stored = -(-(tokens - window) // CAPACITY_GRANULE) * CAPACITY_GRANULE  # stores grow in whole granules
     return heads_layers * (stored * sparse_token + 2 * window * dense_token)
 

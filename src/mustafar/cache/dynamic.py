@@ -51,7 +51,8 @@ from transformers.cache_utils import Cache
 
 from .. import ops
 from .._checks import check_positive_int, check_sparsity
-from ..config import SparsityConfig
+from ..config import FP8_KEPT, SparsityConfig
+from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_model_config
 from .layer import NO_OFFLOADING, MustafarLayer
 from .rows import check_batch_index
@@ -76,6 +77,10 @@ class MustafarCache(Cache):
         config: optional, the model's config (``model.config``): checked at once
             (:func:`mustafar.model_support.check_model_config`), and a ``layer_sparsity``
             sequence must then have one entry per layer.
+        kept_dtype: ``None`` (the cache dtype, default) or ``torch.float8_e4m3fn``: the store keeps its
+            values in e4m3 with one scale per token and head (``max kept |x| / 448``, rule:
+            :mod:`mustafar.fp8`), about a fifth of fp16 dense at K0.7V0.7; the bitmaps are unchanged and
+            the window stays dense. The CUDA kernels do not read FP8: ``"auto"`` uses Triton on a GPU.
 
     Storage lives on the device and in the dtype of each layer's keys. Sizes in
     bytes: :attr:`nbytes` (held), :attr:`dense_nbytes`, :attr:`allocated_nbytes`.
@@ -99,10 +104,16 @@ class MustafarCache(Cache):
         layer_sparsity: LayerSparsity | None = None,
         backend: str = "auto",
         config=None,
+        kept_dtype: torch.dtype | None = None,
     ):
         if isinstance(key_sparsity, SparsityConfig):
             raise TypeError("key_sparsity must be a float; for a SparsityConfig use MustafarCache.from_config(config)")
-        self.config = SparsityConfig(key_sparsity, value_sparsity, window, chunk)
+        self.kept_dtype = check_kept_dtype(kept_dtype)
+        if self.kept_dtype is not None and is_fp8(self.kept_dtype) and backend == "cuda":
+            raise ops.UnsupportedHardwareError("backend='cuda' does not read FP8 kept values (kept_dtype="
+                                               "torch.float8_e4m3fn); use 'auto' or 'triton'")
+        self.config = SparsityConfig(key_sparsity, value_sparsity, window, chunk,
+                                     kept_dtype=FP8_KEPT if is_fp8(self.kept_dtype) else None)
         self.backend = check_backend(backend)
         self.layer_sparsity = _check_layer_sparsity(layer_sparsity)
         if config is not None:
@@ -117,7 +128,8 @@ class MustafarCache(Cache):
     def from_config(cls, config: SparsityConfig, /, **kwargs) -> MustafarCache:
         """A cache for a :class:`~mustafar.config.SparsityConfig` (``method`` must be ``"per-token"``).
 
-        ``kwargs`` go to the constructor (``backend``, ``layer_sparsity``, ``config=model.config``).
+        ``kwargs`` go to the constructor (``backend``, ``layer_sparsity``, ``config=model.config``);
+        ``config.kept_dtype`` gives ``kept_dtype``.
         """
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"config must be a mustafar.SparsityConfig, got {type(config).__name__}")
@@ -125,7 +137,8 @@ class MustafarCache(Cache):
             raise ValueError(
                 f"config.method must be 'per-token' (the only rule MustafarCache stores), got {config.method!r}"
             )
-        return cls(config.key_sparsity, config.value_sparsity, config.window, config.chunk, **kwargs)
+        return cls(config.key_sparsity, config.value_sparsity, config.window, config.chunk,
+                   kept_dtype=config.kept_dtype, **kwargs)
 
     def __repr__(self) -> str:
         c = self.config
@@ -159,7 +172,7 @@ class MustafarCache(Cache):
             ks, vs = self.sparsity_of(len(self.layers))
             c = self.config
             self.layers.append(MustafarLayer(ks, vs, c.window, c.chunk, self.backend, layer_idx=len(self.layers),
-                                             record_past=self.record_past))
+                                             record_past=self.record_past, kept_dtype=self.kept_dtype))
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def activate_past_recording(self) -> None:

@@ -41,6 +41,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .._checks import check_positive_int, check_sparsity
 from ..attention import Link, held_mask, link_tensor
 from ..format import BitmapKV
+from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_attention_implementation, check_reader
 from ..ops import BACKENDS, append, decode_attention_unchecked
 from .rows import BatchRowEdits
@@ -63,7 +64,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         pads: left-padding tokens per batch row (read from the prefill's attention mask, and from later
             updates' masks while a row holds only padding).
         record_past: keep the last update's tokens dense so that ``crop`` can remove them exactly.
-        window, chunk, backend: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
+        window, chunk, backend, kept_dtype: see :class:`MustafarCache`; layer_idx: the model layer (for messages).
     """
 
     is_compileable = False
@@ -71,7 +72,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, key_sparsity: float, value_sparsity: float, window: int, chunk: int, backend: str = "auto",
-                 layer_idx: int = 0, record_past: bool = False):
+                 layer_idx: int = 0, record_past: bool = False, kept_dtype: torch.dtype | None = None):
         super().__init__()
         self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
         self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
@@ -80,6 +81,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.layer_idx, self.record_past = backend, layer_idx, bool(record_past)
+        self.kept_dtype = check_kept_dtype(kept_dtype)
         self.key_store: BitmapKV | None = None
         self.value_store: BitmapKV | None = None
         self.pads: list[int] = []
@@ -100,8 +102,11 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
         b, h, _, d = key_states.shape
-        self.key_store = BitmapKV.empty(b, h, d, self.key_sparsity, dtype=key_states.dtype, device=self.device)
-        self.value_store = BitmapKV.empty(b, h, d, self.value_sparsity, dtype=value_states.dtype, device=self.device)
+        kept = self.kept_dtype
+        self.key_store = BitmapKV.empty(b, h, d, self.key_sparsity, dtype=key_states.dtype, device=self.device,
+                                        kept_dtype=kept)
+        self.value_store = BitmapKV.empty(b, h, d, self.value_sparsity, dtype=value_states.dtype, device=self.device,
+                                          kept_dtype=kept)
         self.pads = [0] * b
         self.is_initialized = True
 
@@ -243,6 +248,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         blocks = [(0, 1)] if n == 1 else query_blocks(
             total - n, n, sorted({p for p, d in zip(self.pads, dense_rows) if not d}) or [0], self.window, self.chunk)
         stores, stored = (self.key_store, self.value_store), self.stored_tokens
+        fp8 = is_fp8(self.kept_dtype)  # window tokens pruned on the fly read what the FP8 store would hold
         if len(blocks) > 1 and self._before_eviction is not None:  # the store as it was before this step
             stored, key, value = self._before_eviction
             stores = tuple(_first_tokens(store, stored) for store in stores)
@@ -253,9 +259,9 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
             lags = [0 if d else max(0, b - stored)
                     for b, d in zip(boundaries(end, self.pads, self.window, self.chunk), dense_rows)]
             held = end - stored  # window tokens up to the block's last query
-            keys = prune_rows_prefix(key if held == key.shape[2] else key[:, :, :held], lags, self.key_sparsity)
+            keys = prune_rows_prefix(key if held == key.shape[2] else key[:, :, :held], lags, self.key_sparsity, fp8)
             values = prune_rows_prefix(value if held == value.shape[2] else value[:, :, :held], lags,
-                                       self.value_sparsity)
+                                       self.value_sparsity, fp8)
             window = (keys, values) if keys.shape[2] else (None, None)  # window 0: every token is in the store
             block_query, block_mask = query, mask
             if len(blocks) > 1:
@@ -290,7 +296,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         return stores + window_bytes(self.keys) + window_bytes(self.values)
 
     nbytes = property(lambda self: self._total("nbytes", _held_bytes),
-                      doc="Bytes of the tokens held: store values + bitmaps (K and V) + the dense window.")
+                      doc="Bytes of the tokens held: store values + bitmaps (+ FP8 scales), K and V, + the window.")
     dense_nbytes = property(lambda self: self._total("dense_nbytes", _held_bytes),
                             doc="Bytes a dense cache of the same tokens would hold (same dtype).")
     allocated_nbytes = property(lambda self: self._total("allocated_nbytes", lambda t: t.untyped_storage().nbytes()),

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ..pruning import prune_per_token
+from ..reference import prune_kept_reference
 
 __all__ = ["boundaries", "crop_limit", "pads_from_mask", "prune_rows_prefix", "query_blocks"]
 
@@ -100,16 +101,17 @@ def pads_from_mask(attention_mask: torch.Tensor | None, batch: int, tokens: int)
     return padding.long().cumprod(dim=-1).sum(dim=-1).tolist()
 
 
-def prune_rows_prefix(window: torch.Tensor, lags: Sequence[int], sparsity: float) -> torch.Tensor:
+def prune_rows_prefix(window: torch.Tensor, lags: Sequence[int], sparsity: float, fp8: bool = False) -> torch.Tensor:
     """``window [b, h, w, d]`` with its first ``lags[row]`` tokens of each row pruned per token.
 
-    Returns ``window`` itself when nothing is to be pruned (all lags 0, or sparsity 0).
+    ``fp8``: their kept values also quantised to e4m3 and back (what an FP8 store holds, :mod:`mustafar.fp8`).
+    Returns ``window`` itself when nothing is to be pruned (all lags 0, or sparsity 0 without ``fp8``).
     """
     longest = max(lags, default=0)
-    if longest == 0 or sparsity == 0.0:
+    if longest == 0 or (sparsity == 0.0 and not fp8):
         return window
     head = window[:, :, :longest]
-    pruned = prune_per_token(head, sparsity)
+    pruned = prune_kept_reference(head, sparsity, fp8=True) if fp8 else prune_per_token(head, sparsity)
     if min(lags) != longest:
         lag = torch.tensor(list(lags), device=window.device).view(-1, 1, 1, 1)
         position = torch.arange(longest, device=window.device).view(1, 1, -1, 1)

@@ -48,6 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._checks import CACHE_DTYPES, check_positive_int, check_sparsity
 from ..attention import Link, link_tensor
 from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
+from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_attention_implementation
 from ..ops import append
 from .dynamic import check_backend, check_layer_idx
@@ -84,8 +85,10 @@ class StaticMustafarLayer(CacheLayerMixin):
 
     def __init__(self, max_tokens: int, key_sparsity: float, value_sparsity: float, window: int,
                  backend: str = "auto", layer_idx: int = 0, *, batch_size: int | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 kept_dtype: torch.dtype | None = None):
         super().__init__()
+        self.kept_dtype = check_kept_dtype(kept_dtype, dtype)
         self.max_tokens, self.window, self.backend, self.layer_idx = max_tokens, window, backend, layer_idx
         self.key_sparsity, self.value_sparsity = key_sparsity, value_sparsity
         self.expected_batch, self.expected_dtype = batch_size, dtype
@@ -107,9 +110,11 @@ class StaticMustafarLayer(CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         dtype, device = key_states.dtype, key_states.device
         capacity = max(0, self.max_tokens - self.window)
-        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, self.key_sparsity, dtype, device, capacity=capacity)
+        kept = self.kept_dtype
+        self.key_store = BitmapKV.empty(batch, kv_heads, head_dim, self.key_sparsity, dtype, device, capacity=capacity,
+                                        kept_dtype=kept)
         self.value_store = BitmapKV.empty(batch, kv_heads, head_dim, self.value_sparsity, dtype, device,
-                                          capacity=capacity)
+                                          capacity=capacity, kept_dtype=kept)
         self.keys = torch.zeros(batch, kv_heads, self.window, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros((), dtype=torch.int64, device=device)
@@ -274,6 +279,9 @@ class StaticMustafarCache(Cache):
             that ``device=model.device`` also works for layers that ``device_map`` put on other GPUs).
             The storage always sits on each layer's own key device.
         backend: ``"auto"``, ``"cuda"`` or ``"torch"`` (``"triton"`` uses the reference).
+        kept_dtype: ``None`` (the cache dtype, default) or ``torch.float8_e4m3fn``: kept values in e4m3 with
+            one scale per token and head (``max kept |x| / 448``, :mod:`mustafar.fp8`); ``"cuda"`` then raises
+            and ``"auto"`` decodes with the reference (the CUDA kernels do not read FP8).
 
     Raises:
         ValueError / TypeError: bad sizes, sparsities, dtype or backend; at the prefill, keys that
@@ -285,7 +293,8 @@ class StaticMustafarCache(Cache):
 
     def __init__(self, config=None, batch_size: int | None = None, max_tokens: int | None = None,
                  key_sparsity: float = 0.5, value_sparsity: float = 0.5, window: int = 32,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, backend: str = "auto"):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, backend: str = "auto",
+                 kept_dtype: torch.dtype | None = None):
         if max_tokens is None:
             raise TypeError("StaticMustafarCache needs max_tokens: the prompt + generated tokens it must hold")
         if dtype is not None and dtype not in CACHE_DTYPES:
@@ -296,7 +305,9 @@ class StaticMustafarCache(Cache):
         self.key_sparsity = check_sparsity("key_sparsity", key_sparsity)
         self.value_sparsity = check_sparsity("value_sparsity", value_sparsity)
         batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
-        self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device))
+        self.kept_dtype = check_kept_dtype(kept_dtype, dtype)
+        self._expect = dict(batch_size=batch_size, dtype=dtype, device=None if device is None else torch.device(device),
+                            kept_dtype=self.kept_dtype)
         self.backend = backend
         super().__init__(layers=[self._new_layer(i) for i in range(_config_layers(config))])
 
@@ -306,7 +317,8 @@ class StaticMustafarCache(Cache):
 
     def __repr__(self) -> str:
         return (f"StaticMustafarCache(K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}, "
-                f"max_tokens={self.max_tokens}, layers={len(self.layers)})")
+                f"max_tokens={self.max_tokens}{', kept_dtype=float8_e4m3fn' if is_fp8(self.kept_dtype) else ''}, "
+                f"layers={len(self.layers)})")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append to layer ``layer_idx`` (an int >= 0; created if needed); see :meth:`StaticMustafarLayer.update`."""
@@ -347,7 +359,8 @@ class StaticMustafarCache(Cache):
         def held(layer):
             b, h, _, d = layer.keys.shape
             stored = max(0, layer.host_length - self.window)
-            rows = sum(bytes_per_token(d, s.sparsity, s.dtype) for s in (layer.key_store, layer.value_store))
+            rows = sum(bytes_per_token(d, s.sparsity, s.dtype, s.kept_dtype)
+                       for s in (layer.key_store, layer.value_store))
             dense = 2 * min(layer.host_length, self.window) * dense_bytes_per_token(d, layer.dtype)
             return b * h * (stored * rows + dense)
         return self._bytes(held)

@@ -245,7 +245,7 @@ def alone_nbytes(cache: MustafarCache, tokens: int) -> int:
 
     Per layer: the rule's boundary at ``tokens`` (:func:`mustafar.cache.rules.boundaries`) in the
     compressed format (:func:`mustafar.format.bytes_per_token`, keys and values at their own
-    sparsities), the rest dense (the window). That is what ``cache.nbytes`` gives for that prompt
+    sparsities, kept values in the layer's ``kept_dtype``), the rest dense (the window). That is what ``cache.nbytes`` gives for that prompt
     alone after the same tokens, since a lone row's store always reaches its boundary.
     """
     total = 0
@@ -254,6 +254,7 @@ def alone_nbytes(cache: MustafarCache, tokens: int) -> int:
             continue
         heads, head_dim, dtype = layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype
         stored = boundaries(tokens, [0], layer.window, layer.chunk)[0]
-        compressed = sum(bytes_per_token(head_dim, s, dtype) for s in (layer.key_sparsity, layer.value_sparsity))
+        compressed = sum(bytes_per_token(head_dim, s, dtype, layer.kept_dtype)
+                         for s in (layer.key_sparsity, layer.value_sparsity))
         total += heads * (stored * compressed + (tokens - stored) * 2 * dense_bytes_per_token(head_dim, dtype))
     return total

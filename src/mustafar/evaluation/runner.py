@@ -51,11 +51,14 @@ _RULER_MIN_WORDS = 100
 
 
 def run_configs(config: EvalConfig) -> list[SparsityConfig]:
-    """The caches to run: ``dense`` once (if asked), then every method x every sparse setting."""
+    """The caches to run: ``dense`` once (if asked), then every method x every sparse setting.
+
+    FP8 settings (``-fp8``) run with the ``per-token`` method only (the only rule the format stores).
+    """
     dense = [s for s in config.settings if s.is_dense][:1]
     sparse = [s for s in config.settings if not s.is_dense]
-    return dense + [SparsityConfig(s.key_sparsity, s.value_sparsity, s.window, s.chunk, method)
-                    for method in config.methods for s in sparse]
+    return dense + [SparsityConfig(s.key_sparsity, s.value_sparsity, s.window, s.chunk, method, s.kept_dtype)
+                    for method in config.methods for s in sparse if not s.fp8 or method == "per-token"]
 
 
 def method_label(setting: SparsityConfig) -> str:

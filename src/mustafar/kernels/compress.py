@@ -5,11 +5,15 @@ pattern of ``|x|`` (sign cleared; the pattern orders like the magnitude, NaN
 above infinity), keeps everything above it and the lowest channels among the
 ties, then writes the kept entries in channel order and the bitmap. Identical
 bit for bit to :func:`mustafar.reference.compress_reference`.
+With ``KEPT_FP8`` the kept entries are written as e4m3 bits with one scale per
+row (the rule of :mod:`mustafar.fp8`, bit for bit as its reference).
 Source of the rule: Mustafar, arXiv 2505.22913.
 """
 
 import triton
 import triton.language as tl
+
+from .fp8 import quantize_rows, row_scales
 
 
 @triton.jit
@@ -26,10 +30,16 @@ def compress_kernel(
     X, stride_xb, stride_xh, stride_xt,
     VALS, stride_vb, stride_vh, stride_vt,
     BITS, stride_bb, stride_bh, stride_bt,
+    SCALES, stride_sb, stride_sh, stride_st,
     kv_heads, tokens, n_rows, k_keep,
     D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    KEPT_FP8: tl.constexpr = False, TINY: tl.constexpr = 0.0,
 ):
-    """``BLOCK_R`` rows per program; row ``r`` is token ``r % tokens`` of (batch, head) ``r // tokens``."""
+    """``BLOCK_R`` rows per program; row ``r`` is token ``r % tokens`` of (batch, head) ``r // tokens``.
+
+    ``KEPT_FP8``: ``VALS`` is uint8 (e4m3 bits), ``SCALES [b, h, t]`` of ``X``'s dtype, ``TINY`` its
+    smallest normal.
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     bh = rows // tokens
@@ -53,7 +63,14 @@ def compress_kernel(
     keep = above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
     position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
     v_ptr = VALS + (b * stride_vb + h * stride_vh + t * stride_vt)[:, None] + position
-    tl.store(v_ptr, x, mask=keep & row_ok[:, None])
+    if KEPT_FP8:
+        xf = x.to(tl.float32)
+        scale = row_scales(xf, keep, TINY, X.dtype.element_ty)
+        tl.store(v_ptr, quantize_rows(xf, scale), mask=keep & row_ok[:, None])
+        tl.store(SCALES + b * stride_sb + h * stride_sh + t * stride_st, scale.to(SCALES.dtype.element_ty),
+                 mask=row_ok)
+    else:
+        tl.store(v_ptr, x, mask=keep & row_ok[:, None])
     bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
     word_of = (ch // 32)[None, :]
     words = tl.arange(0, NW32)

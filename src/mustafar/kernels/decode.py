@@ -14,6 +14,10 @@ Channel ``4 * g + c`` goes to "plane" ``c`` (``[BLOCK_N, groups]``); the
 query is split into the same planes, so four small dot products replace one
 with the channels in natural order.
 
+FP8 kept values (``K_FP8`` / ``V_FP8``, :mod:`mustafar.fp8`): the values are read
+as e4m3 bits and dequantised with their token's scale into the cache dtype while
+the planes are expanded, exactly as the reference dequantises before it attends.
+
 Source of the method: Mustafar, arXiv 2505.22913.
 """
 
@@ -21,12 +25,26 @@ import triton
 import triton.language as tl
 
 from .bits import dot, low_bits, popcount
+from .fp8 import dequantize
+
+
+@triton.jit
+def _kept(ptr, mask, scale, FP8: tl.constexpr, LIMIT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Kept values at ``ptr`` where ``mask`` (else 0), FP8 ones dequantised with ``scale [1, BLOCK_N]``."""
+    if FP8:
+        return tl.where(mask, dequantize(tl.load(ptr, mask=mask, other=0), scale, LIMIT, OUT_DTYPE), 0.0)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
 
 
 @triton.jit
 def _expand_planes(vals_ptr, bits_ptr, rows, row_ok, stride_vt, stride_bt, groups, group_ok,
-                   NW32: tl.constexpr, INTERPRET: tl.constexpr):
-    """Four dense planes ``[NG, BLOCK_N]`` (channel ``4 g + c`` of row ``n`` at ``[g, n]`` of plane ``c``)."""
+                   NW32: tl.constexpr, INTERPRET: tl.constexpr, scale_ptr=None, stride_st=0,
+                   FP8: tl.constexpr = False, LIMIT: tl.constexpr = 0.0, OUT_DTYPE: tl.constexpr = None):
+    """Four dense planes ``[NG, BLOCK_N]`` (channel ``4 g + c`` of row ``n`` at ``[g, n]`` of plane ``c``).
+
+    ``FP8``: ``vals_ptr`` holds e4m3 bits (uint8), ``scale_ptr`` the rows' scales; planes in ``OUT_DTYPE``.
+    """
     word_idx = groups // 8
     ok = group_ok[:, None] & row_ok[None, :]
     words = tl.load(bits_ptr + rows[None, :] * stride_bt + word_idx[:, None], mask=ok, other=0)
@@ -41,10 +59,13 @@ def _expand_planes(vals_ptr, bits_ptr, rows, row_ok, stride_vt, stride_bt, group
     b1 = (nibble >> 1) & 1
     b2 = (nibble >> 2) & 1
     base = vals_ptr + rows[None, :] * stride_vt + start
-    p0 = tl.load(base, mask=b0 != 0, other=0.0)
-    p1 = tl.load(base + b0, mask=b1 != 0, other=0.0)
-    p2 = tl.load(base + b0 + b1, mask=b2 != 0, other=0.0)
-    p3 = tl.load(base + b0 + b1 + b2, mask=nibble >= 8, other=0.0)
+    scale = None
+    if FP8:
+        scale = tl.load(scale_ptr + rows * stride_st, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    p0 = _kept(base, b0 != 0, scale, FP8, LIMIT, OUT_DTYPE)
+    p1 = _kept(base + b0, b1 != 0, scale, FP8, LIMIT, OUT_DTYPE)
+    p2 = _kept(base + b0 + b1, b2 != 0, scale, FP8, LIMIT, OUT_DTYPE)
+    p3 = _kept(base + b0 + b1 + b2, nibble >= 8, scale, FP8, LIMIT, OUT_DTYPE)
     return p0, p1, p2, p3
 
 
@@ -128,8 +149,14 @@ def sparse_decode_kernel(
     kv_heads, group, q_len, n_compressed, n_window, tokens_per_split, n_splits, scale_log2e, mask_floor,
     D: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NW32: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    KS=None, stride_ksb=0, stride_ksh=0, stride_kst=0, VS=None, stride_vsb=0, stride_vsh=0, stride_vst=0,
+    K_FP8: tl.constexpr = False, V_FP8: tl.constexpr = False, LIMIT: tl.constexpr = 0.0,
 ):
-    """One split of the token axis for one (batch, kv_head); partials to ``OUT [splits+1, B*Hkv, ROWS, D]``."""
+    """One split of the token axis for one (batch, kv_head); partials to ``OUT [splits+1, B*Hkv, ROWS, D]``.
+
+    ``K_FP8`` / ``V_FP8``: ``KV`` / ``VV`` hold e4m3 bits (uint8) with per-token scales ``KS`` / ``VS``
+    ``[b, h, t]`` in the query's dtype; ``LIMIT``: that dtype's largest finite value.
+    """
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // kv_heads
@@ -163,18 +190,22 @@ def sparse_decode_kernel(
         vb_ptr = VB + b * stride_vbb + h * stride_vbh
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, n_compressed)
+        ks_ptr = KS + b * stride_ksb + h * stride_ksh if K_FP8 else KS
+        vs_ptr = VS + b * stride_vsb + h * stride_vsh if V_FP8 else VS
         for start in range(lo, hi, BLOCK_N):
             t = start + offs
             t_ok = t < hi
             k0, k1, k2, k3 = _expand_planes(kv_ptr, kb_ptr, t, t_ok, stride_kvt, stride_kbt, groups, group_ok,
-                                            NW32, INTERPRET)
+                                            NW32, INTERPRET, ks_ptr, stride_kst, K_FP8, LIMIT,
+                                            Q.dtype.element_ty)
             s = _scores(k0, k1, k2, k3, q0, q1, q2, q3, PRECISION, INTERPRET) * scale_log2e
             if MASK_MODE != 0:
                 s += _mask_bias(MASK, mask_base, t, t_ok, row_ok, mask_floor, MASK_MODE)
             p, m_i, l_i, acc0, acc1, acc2, acc3 = _softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, t,
                                                                 last_visible, t_ok)
             v0, v1, v2, v3 = _expand_planes(vv_ptr, vb_ptr, t, t_ok, stride_vvt, stride_vbt, groups, group_ok,
-                                            NW32, INTERPRET)
+                                            NW32, INTERPRET, vs_ptr, stride_vst, V_FP8, LIMIT,
+                                            Q.dtype.element_ty)
             acc0, acc1, acc2, acc3 = _accumulate(p, v0, v1, v2, v3, acc0, acc1, acc2, acc3, PRECISION, INTERPRET)
     else:
         kw_ptr = KW + b * stride_kwb + h * stride_kwh

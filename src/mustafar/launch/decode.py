@@ -27,6 +27,14 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _kept_args(values: torch.Tensor, store: BitmapKV):
+    """``(values, (scales, strides...))``: FP8 values as their uint8 bits and the store's scales, else dummies."""
+    if not store.is_fp8:
+        return values, (values, 0, 0, 0)
+    scales = store.scales
+    return values.view(torch.uint8), (scales, *scales.stride())
+
+
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
     """``(mask, strides, mode, floor)``: mode 0 none, 1 bool, 2 additive; ``floor``: see :func:`masked_floor`."""
     if mask is None:
@@ -81,6 +89,8 @@ def decode_attention_triton(
     mask, mask_strides, mask_mode, mask_floor = _mask_args(attention_mask, (b, hq, lq, n_comp + n_win))
     kbits = key_bits.view(torch.int32)
     vbits = value_bits.view(torch.int32)
+    key_values, key_scales = _kept_args(key_values, key_cache)
+    value_values, value_scales = _kept_args(value_values, value_cache)
     with on_device(query):
         sparse_decode_kernel[(parts, b * hkv)](
             query, *_strides(query),
@@ -92,6 +102,10 @@ def decode_attention_triton(
             hkv, group, lq, n_comp, n_win, tokens_per_split, splits, scale * LOG2E, mask_floor,
             D=d, ROWS=rows, NG=groups, NW32=2 * num_words(d), BLOCK_N=BLOCK_N, MASK_MODE=mask_mode,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+            KS=key_scales[0], stride_ksb=key_scales[1], stride_ksh=key_scales[2], stride_kst=key_scales[3],
+            VS=value_scales[0], stride_vsb=value_scales[1], stride_vsh=value_scales[2], stride_vst=value_scales[3],
+            K_FP8=key_cache.is_fp8, V_FP8=value_cache.is_fp8,
+            LIMIT=torch.finfo(query.dtype).max if key_cache.is_fp8 or value_cache.is_fp8 else 0.0,
             num_warps=4,
         )
         out = torch.empty_like(query)
