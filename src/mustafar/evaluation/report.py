@@ -2,7 +2,9 @@
 
 One summary row per (method, setting, context length): the mean score per task
 (retrieval: fraction correct; RULER: ``string_match_all``; LongBench: the task's
-metric, all in [0, 1]), the mean over the tasks of each suite, perplexity over all
+metric, all in [0, 1]) with its 95 % interval (``accuracy_ci``, :mod:`.stats`) and
+sample count (``task_samples``), the mean over the tasks of each suite with a
+stratified interval (``suites_ci``), perplexity over all
 scored tokens, and the KV memory held by the cache (mean bytes per run, all
 layers) with its ratio to the dense bytes of the same tokens (sum held / sum
 dense). Rows of simulated methods (:mod:`.simulate`) are marked: they prune but
@@ -24,6 +26,7 @@ from rich.table import Table
 from .config import EvalConfig, suite_of
 from .results import SampleResult
 from .runner import method_label, run_configs
+from .stats import mean_interval, stratified_interval
 
 __all__ = ["summarize", "table", "tables", "write_json", "versions", "SHORT_NAMES"]
 
@@ -44,22 +47,28 @@ _CAPTIONS = {
 
 
 def _row(setting, length: int, runs: list[SampleResult], tasks) -> dict:
-    accuracy = {}
+    accuracy, interval, counts, per_task = {}, {}, {}, {}
     for task in tasks:
         scores = [r.score if r.score is not None else float(bool(r.correct)) for r in runs if r.task == task]
         if scores and task != "ppl":
             accuracy[task] = sum(scores) / len(scores)
+            interval[task] = list(mean_interval(scores))
+            counts[task], per_task[task] = len(scores), scores
     suites = defaultdict(list)
     for task, value in accuracy.items():
         suites[suite_of(task)].append(value)
+    suite_tasks = defaultdict(list)
+    for task in accuracy:
+        suite_tasks[suite_of(task)].append(per_task[task])
     scored = [r for r in runs if r.task == "ppl"]
     nll, count = sum(r.nll for r in scored), sum(r.scored_tokens for r in scored)
     held, dense = sum(r.kv_bytes for r in runs), sum(r.dense_bytes for r in runs)
     return {
         "method": method_label(setting), "setting": setting.name, "key_sparsity": setting.key_sparsity,
         "value_sparsity": setting.value_sparsity, "context_length": length,
-        "simulated": any(r.simulated for r in runs), "accuracy": accuracy,
-        "suites": {s: sum(v) / len(v) for s, v in suites.items()},
+        "simulated": any(r.simulated for r in runs), "accuracy": accuracy, "accuracy_ci": interval,
+        "task_samples": counts, "suites": {s: sum(v) / len(v) for s, v in suites.items()},
+        "suites_ci": {s: list(stratified_interval(groups)) for s, groups in suite_tasks.items()},
         "perplexity": math.exp(nll / count) if count else None, "samples": len(runs),
         "kv_bytes": held / len(runs), "dense_bytes": dense / len(runs), "ratio": held / dense,
     }

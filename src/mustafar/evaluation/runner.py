@@ -12,8 +12,13 @@ through decode steps that read that cache:
   pruned at the same points, stored dense (``simulated``; saves no memory). Their
   observation queries are recorded during the prefill (:func:`~.simulate.observe_queries`).
 
+Prompts are batched (:mod:`.batched`, ``EvalConfig.batch_size``): all generation jobs of
+one context length, grouped by prompt length, left-padded, prefilled together and decoded
+together under each (method, setting); every row gives what its prompt gives alone.
+
 The KV bytes held and the dense bytes of the same tokens are read from the cache
-after the last step. Finished runs go to a :class:`~.results.ResultStore` at once
+when each row stops (a row's share of its batch's bytes: see :func:`_row_bytes`).
+Finished runs go to a :class:`~.results.ResultStore` at once
 and are skipped when found there (resume).
 """
 
@@ -24,8 +29,11 @@ from contextlib import nullcontext
 
 from tqdm.auto import tqdm
 
+from ..cache import MustafarCache
 from ..config import SparsityConfig
-from ..generation import eos_ids, fill_cache, greedy_decode, kv_bytes, make_cache, prefill
+from ..generation import eos_ids, fill_cache, kv_bytes, make_cache, prefill
+from .batched import (alone_nbytes, auto_batch_size, batched_greedy, batched_prefill, fill_batch, left_pad,
+                      length_batches)
 from .config import TASKS, EvalConfig
 from .jobs import Job, longbench_jobs, retrieval_jobs, ruler_jobs
 from .longbench import LONGBENCH_TASKS
@@ -37,7 +45,7 @@ from .tasks import niah_samples, passkey_samples
 from .texts import load_text
 
 __all__ = ["EvalConfig", "SampleResult", "run_eval", "run_configs", "make_eval_cache", "method_label", "prepare_text",
-           "TASKS"]
+           "task_jobs", "TASKS"]
 #: Distinct words a RULER haystack text must hold (:func:`~.ruler.ruler_samples` checks it too).
 _RULER_MIN_WORDS = 100
 
@@ -58,11 +66,14 @@ def method_label(setting: SparsityConfig) -> str:
     return "dense" if setting.is_dense else setting.method
 
 
-def make_eval_cache(setting: SparsityConfig, queries: dict | None = None):
-    """``DynamicCache`` (dense), ``MustafarCache`` (per-token) or ``SimulatedCache`` (other methods)."""
+def make_eval_cache(setting: SparsityConfig, queries: dict | None = None, pads: list[int] | None = None):
+    """``DynamicCache`` (dense), ``MustafarCache`` (per-token) or ``SimulatedCache`` (other methods).
+
+    ``pads``: left padding per batch row (a ``MustafarCache`` reads it from the prefill mask instead).
+    """
     if setting.is_dense or setting.method == "per-token":
         return make_cache(setting)
-    return SimulatedCache(setting, queries)
+    return SimulatedCache(setting, queries, pads)
 
 
 def _needs_queries(setting: SparsityConfig) -> bool:
@@ -82,32 +93,83 @@ def _prefill(model, input_ids, todo: list[SparsityConfig]):
     return source, logits, queries, time.perf_counter() - start
 
 
-def _run_job(model, tokenizer, job: Job, config: EvalConfig, store: ResultStore, bar) -> None:
+def _pad_id(model, tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.generation_config.pad_token_id
+    return pad if pad is not None else min(eos_ids(model, tokenizer), default=0)
+
+
+def _run_batch(model, tokenizer, jobs: list[Job], config: EvalConfig, store: ResultStore, bar) -> None:
+    """Prefill ``jobs`` once as one left-padded batch; decode it under every (method, setting) not yet stored."""
     runs = run_configs(config)
-    todo = [s for s in runs if _key(job.task, s, job.context_length, job.index, config.seed) not in store]
-    bar.update(len(runs) - len(todo))
+    keys = {id(job): {s: _key(job.task, s, job.context_length, job.index, config.seed) for s in runs} for job in jobs}
+    todo = [s for s in runs if any(keys[id(job)][s] not in store for job in jobs)]
+    bar.update(sum(key in store for job in jobs for key in keys[id(job)].values()))
     if not todo:
         return
-    source, logits, queries, prefill_s = _prefill(model, job.input_ids, todo)
+    batch = left_pad([job.input_ids for job in jobs], _pad_id(model, tokenizer))
+    start = time.perf_counter()
+    observing = any(_needs_queries(s) for s in todo)
+    source, logits, queries = batched_prefill(model, batch, max(1, todo[0].window) if observing else None)
+    prefill_s = (time.perf_counter() - start) / len(jobs)
     eos = eos_ids(model, tokenizer)
+    stops = [lambda t, job=job: job.done(tokenizer.decode(t, skip_special_tokens=True)) for job in jobs]
     for setting in todo:
-        bar.set_postfix_str(f"{job.task} {job.context_length} #{job.index} {method_label(setting)} {setting.name}")
+        bar.set_postfix_str(f"{jobs[0].task} {jobs[0].context_length} x{len(jobs)} {method_label(setting)} "
+                            f"{setting.name}")
         start = time.perf_counter()
-        cache = fill_cache(make_eval_cache(setting, queries), source)
-        tokens = greedy_decode(model, cache, logits, job.max_new_tokens, eos,
-                               stop=lambda t: job.done(tokenizer.decode(t, skip_special_tokens=True)))
-        output = tokenizer.decode(tokens, skip_special_tokens=True)
-        kv = kv_bytes(cache)
-        held, dense = kv.held, kv.dense
-        score = job.score(output)
-        store.append(SampleResult(
-            setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], held, dense,
-            time.perf_counter() - start, job.depth, job.references[0], output,
-            bool(score == 1.0) if job.suite != "longbench" else None,
-            extra={"prefill_s": prefill_s, "new_tokens": len(tokens), **job.meta}, method=method_label(setting),
-            simulated=isinstance(cache, SimulatedCache), seed=config.seed, score=score, suite=job.suite,
-            references=list(job.references)))
-        bar.update()
+        cache = fill_batch(make_eval_cache(setting, queries, batch.pads), source, batch)
+        nbytes: dict[int, tuple[int, int]] = {}
+        outputs = batched_greedy(model, cache, logits, batch, [job.max_new_tokens for job in jobs], eos, stops,
+                                 on_done=lambda row, fed: nbytes.__setitem__(row, _row_bytes(cache, batch, row, fed)))
+        seconds = (time.perf_counter() - start) / len(jobs)
+        for row, (job, tokens) in enumerate(zip(jobs, outputs)):
+            if keys[id(job)][setting] in store:
+                continue
+            _store_sample(store, job, setting, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens),
+                          nbytes[row] if row in nbytes else _row_bytes(cache, batch, row, max(0, len(tokens) - 1)),
+                          seconds, prefill_s, config.seed, isinstance(cache, SimulatedCache))
+            bar.update()
+
+
+def _run_length(model, tokenizer, todo: list[Job], config: EvalConfig, store: ResultStore, bar) -> None:
+    """Every job of one context length, all tasks together, in batches of similar prompt lengths.
+
+    Jobs already finished under every (method, setting) are counted and left out of the batches.
+    """
+    runs = run_configs(config)
+    done = [all(_key(j.task, s, j.context_length, j.index, config.seed) in store for s in runs) for j in todo]
+    bar.update(len(runs) * sum(done))
+    todo = [job for job, finished in zip(todo, done) if not finished]
+    if not todo:
+        return
+    size = config.batch_size or auto_batch_size(model, max(job.input_ids.shape[1] for job in todo))
+    for group in length_batches([job.input_ids.shape[1] for job in todo], size):
+        _run_batch(model, tokenizer, [todo[i] for i in group], config, store, bar)
+
+
+def _row_bytes(cache, batch, row: int, fed: int) -> tuple[int, int]:
+    """``(held, dense)`` KV bytes of batch row ``row`` when it stopped, ``fed`` tokens after its prompt.
+
+    Those of that prompt alone after the same tokens: dense bytes at the batch's bytes per token
+    (it holds ``width + fed`` per row, padding included); held bytes of a ``MustafarCache`` from the
+    rule (:func:`~.batched.alone_nbytes`: a padded batch's store stops at its smallest row boundary,
+    so its own split is not the row's); other caches hold their dense bytes.
+    """
+    kv = kv_bytes(cache)
+    width = batch.input_ids.shape[1]
+    tokens = width - batch.pads[row] + fed
+    dense = round(kv.dense * tokens / (batch.rows * (width + fed)))
+    return (alone_nbytes(cache, tokens) if isinstance(cache, MustafarCache) else dense), dense
+
+
+def _store_sample(store, job: Job, setting: SparsityConfig, output: str, new_tokens: int, nbytes: tuple[int, int],
+                  seconds: float, prefill_s: float, seed: int, simulated: bool) -> None:
+    score = job.score(output)
+    store.append(SampleResult(
+        setting.name, job.task, job.context_length, job.index, job.input_ids.shape[1], nbytes[0], nbytes[1],
+        seconds, job.depth, job.references[0], output, bool(score == 1.0) if job.suite != "longbench" else None,
+        extra={"prefill_s": prefill_s, "new_tokens": new_tokens, **job.meta}, method=method_label(setting),
+        simulated=simulated, seed=seed, score=score, suite=job.suite, references=list(job.references)))
 
 
 def _perplexity(model, token_ids, config: EvalConfig, length: int, store: ResultStore, bar) -> None:
@@ -134,7 +196,8 @@ def _perplexity(model, token_ids, config: EvalConfig, length: int, store: Result
             bar.update()
 
 
-def _jobs(tokenizer, config: EvalConfig, task: str, length: int, text: str | None) -> list[Job]:
+def task_jobs(tokenizer, config: EvalConfig, task: str, length: int, text: str | None) -> list[Job]:
+    """The generation jobs of ``task`` at context ``length`` under ``config`` (``text``: from :func:`prepare_text`)."""
     cap = config.max_new_tokens_cap
     if task in RULER_TASKS:
         return ruler_jobs(tokenizer, task, length, config.samples, config.seed, text, cap)
@@ -194,16 +257,14 @@ def run_eval(model, tokenizer, config: EvalConfig, progress: bool = True,
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
     store = store if store is not None else ResultStore(None)
     text, token_ids = prepare_text(config, tokenizer) if prepared is None else prepared
-    jobs = {(task, n): _jobs(tokenizer, config, task, n, text) for n in config.context_lengths
+    jobs = {(task, n): task_jobs(tokenizer, config, task, n, text) for n in config.context_lengths
             for task in config.tasks if task != "ppl"}
     with tqdm(total=_units(config, token_ids, jobs), desc="mustafar eval", unit="run", disable=not progress) as bar:
         for length in config.context_lengths:
-            for task in config.tasks:
-                if task == "ppl":
-                    _perplexity(model, token_ids, config, length, store, bar)
-                    continue
-                for job in jobs[task, length]:
-                    _run_job(model, tokenizer, job, config, store, bar)
+            if "ppl" in config.tasks:
+                _perplexity(model, token_ids, config, length, store, bar)
+            _run_length(model, tokenizer, [j for t in config.tasks if t != "ppl" for j in jobs[t, length]], config,
+                        store, bar)
     return _collect(config, store, jobs, token_ids)
 
 

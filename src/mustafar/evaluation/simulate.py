@@ -78,13 +78,18 @@ class SimulatedLayer(DynamicLayer):
     """One layer of :class:`SimulatedCache`: all tokens dense, those before ``pruned_tokens`` pruned.
 
     ``queries``: ``[batch, q_heads, q_len, head_dim]`` for rules that need them, else ``None``.
+    ``pads``: left-padding tokens per batch row (default none); a padded row is pruned as its
+    prompt alone: blocks counted from its first real token, padding never pruned nor scored.
     """
 
-    def __init__(self, config: SparsityConfig, queries: torch.Tensor | None = None, layer_idx: int = 0):
+    def __init__(self, config: SparsityConfig, queries: torch.Tensor | None = None, layer_idx: int = 0,
+                 pads: list[int] | None = None):
         super().__init__()
         self.config, self.queries, self.layer_idx = config, queries, layer_idx
         self.key_rule, self.value_rule = get_rule(config.method), value_rule(config.method)
         self.pruned_tokens = 0
+        self.pads = list(pads) if pads else []
+        self.row_pruned = [0] * len(self.pads)  # real tokens pruned per row (padded batches)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, n, head_dim]`` states; prune blocks leaving the window; return K, V to attend.
@@ -97,6 +102,9 @@ class SimulatedLayer(DynamicLayer):
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.keys, self.values = keys, values
+        if any(self.pads):
+            self._prune_padded_rows()
+            return (keys, values) if was_empty and key_states.shape[-2] > 1 else (self.keys, self.values)
         tail = keys.shape[-2] - self.pruned_tokens
         moved = max(0, (tail - self.config.window) // self.config.chunk) * self.config.chunk
         if moved:
@@ -113,10 +121,37 @@ class SimulatedLayer(DynamicLayer):
             setattr(self, side, torch.cat([held[:, :, :start], block, held[:, :, stop:]], dim=-2))
         self.pruned_tokens = stop
 
+    def _prune_padded_rows(self) -> None:
+        """Prune each row's real tokens as that row alone would; rows of equal padding pruned together."""
+        total, window, chunk = self.keys.shape[-2], self.config.window, self.config.chunk
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for row, (pad, done) in enumerate(zip(self.pads, self.row_pruned)):
+            moved = max(0, (total - pad - done - window) // chunk) * chunk
+            if moved:
+                groups.setdefault((pad + done, pad + done + moved, moved), []).append(row)
+        if not groups:
+            self.pruned_tokens = min(p + d for p, d in zip(self.pads, self.row_pruned))
+            return
+        self.keys, self.values = self.keys.clone(), self.values.clone()
+        for (start, stop, moved), rows in groups.items():
+            index = torch.tensor(rows, device=self.keys.device)
+            for side, rule, sparsity in (("keys", self.key_rule, self.config.key_sparsity),
+                                         ("values", self.value_rule, self.config.value_sparsity)):
+                if sparsity == 0:
+                    continue
+                held = getattr(self, side)
+                queries = self.queries.index_select(0, index) if rule.needs_queries else None
+                held[index, :, start:stop] = rule.prune(held.index_select(0, index)[:, :, start:stop], sparsity,
+                                                        queries)
+            for row in rows:
+                self.row_pruned[row] += moved
+        self.pruned_tokens = min(p + d for p, d in zip(self.pads, self.row_pruned))
+
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (pruned tokens that stay keep their pruning)."""
         super().crop(tokens_to_remove)
         self.pruned_tokens = min(self.pruned_tokens, self.get_seq_length())
+        self.row_pruned = [max(0, min(d, self.get_seq_length() - p)) for p, d in zip(self.pads, self.row_pruned)]
 
 
 class SimulatedCache(Cache):
@@ -126,15 +161,17 @@ class SimulatedCache(Cache):
         config: sparsities, window, chunk and ``method`` (a name of :data:`mustafar.pruning.RULES`).
         queries: ``layer_idx -> [batch, q_heads, q_len, head_dim]`` observation queries, required
             when the method needs them (``output-aware``, ``think``); see :func:`observe_queries`.
+        pads: left-padding tokens per batch row (a left-padded batch; see :class:`SimulatedLayer`).
 
     Raises:
         TypeError: ``config`` not a SparsityConfig. ValueError: queries missing for a layer that needs them.
     """
 
-    def __init__(self, config: SparsityConfig, queries: dict[int, torch.Tensor] | None = None):
+    def __init__(self, config: SparsityConfig, queries: dict[int, torch.Tensor] | None = None,
+                 pads: list[int] | None = None):
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"config must be a mustafar.SparsityConfig, got {type(config).__name__}")
-        self.config, self.queries = config, queries or {}
+        self.config, self.queries, self.pads = config, queries or {}, pads
         self.needs_queries = get_rule(config.method).needs_queries and config.key_sparsity > 0
         super().__init__(layers=[])
 
@@ -145,7 +182,8 @@ class SimulatedCache(Cache):
             if self.needs_queries and index not in self.queries:
                 raise ValueError(f"queries must hold the observation queries of layer {index} for method "
                                  f"{self.config.method!r} (see observe_queries), got layers {sorted(self.queries)}")
-            self.layers.append(SimulatedLayer(self.config, self.queries.get(index), layer_idx=index))
+            self.layers.append(SimulatedLayer(self.config, self.queries.get(index), layer_idx=index,
+                                              pads=self.pads))
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     @property
