@@ -48,18 +48,44 @@ def on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+#: Least fraction of the CTA slots of its waves a split count must fill before the CUDA launcher goes past one wave.
+WAVE_FILL = 0.9
+#: Largest number of waves the CUDA launcher considers when one wave fills too few slots.
+MAX_WAVES = 4
+
+
+def wave_splits(batch_heads: int, blocks: int, slots: int) -> int:
+    """Splits for long CTAs (the CUDA kernel): the best-filled single wave, or more waves when it fills too little.
+
+    ``slots``: CTAs that run at once on the device; ``blocks``: the most splits the tokens allow. Among split
+    counts that fit one wave the one filling the most slots wins; if it fills less than :data:`WAVE_FILL`
+    (e.g. 192 (batch, head) pairs on 528 slots: 2 splits fill 73 %), the smallest count up to
+    :data:`MAX_WAVES` waves that fills at least 95 % of its waves is taken (8 splits: 1536 of 1584 slots).
+    """
+    def fill(splits: int) -> float:
+        ctas = batch_heads * splits
+        return ctas / (cdiv(ctas, slots) * slots)
+
+    one_wave = max(1, min(blocks, slots // batch_heads))
+    if fill(one_wave) >= WAVE_FILL:
+        return one_wave
+    candidates = range(one_wave, max(one_wave, min(blocks, MAX_WAVES * slots // batch_heads)) + 1)
+    good = [s for s in candidates if fill(s) >= 0.95]
+    return good[0] if good else max(candidates, key=fill)
+
+
 def choose_splits(batch_heads: int, tokens: int, device: torch.device, per_sm: int, block_tokens: int,
                   whole_wave: bool = False) -> int:
     """Splits of the compressed token axis so that ``batch_heads * splits`` programs fill the GPU.
 
     Aims for ``per_sm`` programs per multiprocessor, at least 1 split and at most one per ``block_tokens``
-    tokens; 0 when there are no tokens. ``whole_wave=True`` rounds down, so that the programs fit in one wave
-    (the CUDA kernel: a partial second wave of long CTAs would leave most of the GPU idle); the default rounds
-    up (the Triton kernel's short programs).
+    tokens; 0 when there are no tokens. ``whole_wave=True`` (the CUDA kernel's long CTAs) fills whole waves
+    (:func:`wave_splits`); the default rounds up (the Triton kernel's short programs).
     """
     if tokens == 0:
         return 0
     blocks = cdiv(tokens, block_tokens)
     slots = per_sm * sm_count(device)
-    wanted = slots // batch_heads if whole_wave else cdiv(slots, batch_heads)
-    return max(1, min(blocks, wanted))
+    if whole_wave:
+        return wave_splits(batch_heads, blocks, slots)
+    return max(1, min(blocks, cdiv(slots, batch_heads)))
