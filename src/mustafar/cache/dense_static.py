@@ -49,6 +49,7 @@ from .._checks import CACHE_DTYPES, check_positive_int
 from ..attention import Link, link_tensor
 from ..chunk_attention import chunk_attention
 from .dynamic import check_layer_idx
+from .fixed_length import FixedLengthLayer
 from .rules import pads_from_mask
 from .static import config_layers
 
@@ -63,7 +64,7 @@ _NO_EDITS = ("DenseStaticCache cannot crop or reorder batch rows: its buffers ar
              "replays; use transformers' DynamicCache")
 
 
-class DenseStaticLayer(CacheLayerMixin):
+class DenseStaticLayer(FixedLengthLayer, CacheLayerMixin):
     """One layer: ``keys`` / ``values`` ``[batch, kv_heads, max_tokens, head_dim]``, allocated at the first update.
 
     Attributes:
@@ -209,23 +210,6 @@ class DenseStaticLayer(CacheLayerMixin):
                  torch.zeros((), dtype=torch.int64, device=self.device), torch.zeros_like(self.counter))
         new = self.keys.new_ones(b, h, 1, d)
         return lambda: self._write(new, new, advance=False, state=state)
-
-    def get_seq_length(self) -> int:
-        """Tokens held (the host mirror)."""
-        return self.host_length
-
-    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for transformers' mask; a prefill chunk on a non-empty cache gets
-        ``query_length``: this cache's attention reads no mask, and a causal square needs none
-        (transformers then builds none, instead of a ``batch x chunk x held`` bool tensor)."""
-        if isinstance(query_length, torch.Tensor):  # older transformers pass the cache positions
-            query_length = query_length.shape[-1]
-        if query_length > 1 and self.host_length:
-            return query_length, 0
-        return self.host_length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.max_tokens
 
     def crop(self, tokens_to_remove: int) -> None:
         """Not supported: raises ``NotImplementedError``."""

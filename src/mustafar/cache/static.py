@@ -58,6 +58,7 @@ from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_attention_implementation
 from ..ops import append
 from .dynamic import check_backend, check_layer_idx
+from .fixed_length import FixedLengthLayer
 from .rules import pads_from_mask
 from .static_ops import static_decode_attention
 from .static_steps import CHUNK_GROUP_BYTES, FUSED_ENV, StaticSteps
@@ -73,7 +74,7 @@ _NO_ROWS = ("StaticMustafarCache cannot reorder, select or repeat batch rows (be
             "once for graph replays; use MustafarCache")
 
 
-class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
+class StaticMustafarLayer(StaticSteps, FixedLengthLayer, CacheLayerMixin):
     """One layer: a store for ``max_tokens - window`` tokens and a ring of ``window`` dense slots.
 
     Both are allocated at the first :meth:`update`, like its ``key_states`` (batch, KV heads,
@@ -242,23 +243,6 @@ class StaticMustafarLayer(StaticSteps, CacheLayerMixin):
             return self._chunk_attention(query, key, value, scale)
         return static_decode_attention(query, self.key_store, self.value_store, self.keys, self.values,
                                        self.length, scale=scale, backend=self.backend)
-
-    def get_seq_length(self) -> int:
-        """Tokens held (the host mirror; graph replays do not advance it)."""
-        return self.host_length
-
-    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for transformers' mask; a prefill chunk on a non-empty cache gets
-        ``query_length``: this cache's attention reads no mask, and a causal square needs none
-        (transformers then builds none, instead of a ``batch x chunk x held`` bool tensor)."""
-        if isinstance(query_length, torch.Tensor):  # older transformers pass the cache positions
-            query_length = query_length.shape[-1]
-        if query_length > 1 and self.host_length:
-            return query_length, 0
-        return self.host_length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.max_tokens
 
     def crop(self, tokens_to_remove: int) -> None:
         """Not supported: raises ``NotImplementedError`` (see :meth:`StaticMustafarCache.crop`)."""
