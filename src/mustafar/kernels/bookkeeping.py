@@ -14,7 +14,7 @@ Source of the pruning rule: Mustafar, arXiv 2505.22913.
 import triton
 import triton.language as tl
 
-from .compress import magnitude_keys
+from .compress import keep_mask, magnitude_keys
 
 
 @triton.jit
@@ -30,15 +30,7 @@ def _evict_and_write(
     ring_ptr = RING + (b * s_rb + h * s_rh + slot * s_rt)[:, None] + ch[None, :]
     x = tl.load(ring_ptr, mask=ok, other=0.0)
     keys = tl.where(ch_ok[None, :], magnitude_keys(x, KEY_BITS), -1)
-    threshold = tl.zeros(row_ok.shape, tl.int32)
-    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-        candidate = threshold | (1 << bit)
-        count = tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1)
-        threshold = tl.where(count >= k_keep, candidate, threshold)
-    above = keys > threshold[:, None]
-    ties = (keys == threshold[:, None]).to(tl.int32)
-    room = k_keep - tl.sum(above.to(tl.int32), axis=1)
-    keep = above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
+    keep = keep_mask(keys, k_keep, KEY_BITS)
     position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
     write = row_ok & active
     v_ptr = VALS + (b * s_vb + h * s_vh + store_row * s_vt)[:, None] + position

@@ -26,6 +26,21 @@ def _magnitude_keys(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def keep_mask(keys, k_keep, KEY_BITS: tl.constexpr):
+    """Per-token rule on ``keys [ROWS, DP]`` (int32 magnitude keys, -1 on padding channels): True for the
+    ``k_keep`` largest of each row, ties to the lower channel (bisection over the ``KEY_BITS`` key bits)."""
+    threshold = tl.zeros([keys.shape[0]], tl.int32)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1)
+        threshold = tl.where(count >= k_keep, candidate, threshold)
+    above = keys > threshold[:, None]
+    ties = (keys == threshold[:, None]).to(tl.int32)
+    room = k_keep - tl.sum(above.to(tl.int32), axis=1)
+    return above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
+
+
+@triton.jit
 def compress_kernel(
     X, stride_xb, stride_xh, stride_xt,
     VALS, stride_vb, stride_vh, stride_vt,
@@ -52,15 +67,7 @@ def compress_kernel(
     x_ptr = X + (b * stride_xb + h * stride_xh + t * stride_xt)[:, None] + ch[None, :]
     x = tl.load(x_ptr, mask=ok, other=0.0)
     keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
-    threshold = tl.zeros([BLOCK_R], tl.int32)
-    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-        candidate = threshold | (1 << bit)
-        count = tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1)
-        threshold = tl.where(count >= k_keep, candidate, threshold)
-    above = keys > threshold[:, None]
-    ties = (keys == threshold[:, None]).to(tl.int32)
-    room = k_keep - tl.sum(above.to(tl.int32), axis=1)
-    keep = above | ((ties != 0) & (tl.cumsum(ties, axis=1) <= room[:, None]))
+    keep = keep_mask(keys, k_keep, KEY_BITS)
     position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
     v_ptr = VALS + (b * stride_vb + h * stride_vh + t * stride_vt)[:, None] + position
     if KEPT_FP8:
