@@ -166,6 +166,8 @@ class DenseStaticLayer(FixedLengthLayer, CacheLayerMixin):
             if not isinstance(new, torch.Tensor) or new.dim() != 4:
                 raise ValueError(f"{name} must be a 4-d tensor [batch, kv_heads, n, head_dim], got "
                                  f"{type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
+        if key_states.dtype not in CACHE_DTYPES:
+            raise TypeError(f"key_states must have a dtype in {CACHE_DTYPES}, got {key_states.dtype}")
         if self.is_initialized:
             b, h, _, d = self.keys.shape
             shape, dtype = (b, h, d), self.dtype

@@ -152,6 +152,8 @@ class StaticMustafarLayer(StaticSteps, FixedLengthLayer, CacheLayerMixin):
                              "attn_implementation=\"mustafar\" and run the prompt again")
         self._check_states(key_states, value_states)
         n = key_states.shape[2]
+        if n == 0:
+            raise ValueError(f"key_states must hold at least one token (dim 2), got shape {tuple(key_states.shape)}")
         if self.host_length + n > self.max_tokens:
             raise ValueError(f"StaticMustafarCache holds max_tokens={self.max_tokens}, got "
                              f"{self.host_length} + {n} tokens")
