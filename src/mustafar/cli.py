@@ -138,6 +138,8 @@ def generate(
     from .config import SparsityConfig
     from .generation import cache_kwargs, chat_input_ids, kv_bytes, make_cache
 
+    if kept_dtype not in ("cache", "fp8"):
+        raise typer.BadParameter(f"kept_dtype (--kept-dtype) must be 'cache' or 'fp8', got {kept_dtype!r}")
     try:
         config = SparsityConfig(k_sparsity, v_sparsity, window, chunk,
                                 kept_dtype=None if kept_dtype == "cache" else kept_dtype)
