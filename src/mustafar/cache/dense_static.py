@@ -48,8 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._checks import CACHE_DTYPES, check_positive_int
 from ..attention import Link, link_tensor
 from ..chunk_attention import chunk_attention
-from .dynamic import check_layer_idx
-from .fixed_length import FixedLengthLayer
+from .fixed_length import FixedLengthCache, FixedLengthLayer
 from .rules import pads_from_mask
 from .static import config_layers
 
@@ -230,7 +229,7 @@ class DenseStaticLayer(FixedLengthLayer, CacheLayerMixin):
             self.length.zero_()
 
 
-class DenseStaticCache(Cache):
+class DenseStaticCache(FixedLengthCache, Cache):
     """A preallocated dense KV cache with device-side writes and exact-length SDPA decode (see the module docstring).
 
     Args:
@@ -266,18 +265,6 @@ class DenseStaticCache(Cache):
 
     def __repr__(self) -> str:
         return f"DenseStaticCache(max_tokens={self.max_tokens}, layers={len(self.layers)})"
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write into layer ``layer_idx`` (created if needed); see :meth:`DenseStaticLayer.update`."""
-        layer_idx = check_layer_idx(layer_idx)
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer(len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-
-    @property
-    def is_croppable(self) -> bool:
-        """``False``: no crops (assisted decoding checks it)."""
-        return False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Not supported: raises ``NotImplementedError``."""

@@ -1,9 +1,11 @@
-"""What the two graph-capturable layers share (``StaticMustafarLayer``, ``DenseStaticLayer``): a host mirror of
-the tokens held (``host_length``) and a fixed capacity (``max_tokens``)."""
+"""What the two graph-capturable caches share (``StaticMustafarCache``, ``DenseStaticCache``) and their layers:
+a host mirror of the tokens held (``host_length``), a fixed capacity (``max_tokens``), layers made on demand."""
 
 from __future__ import annotations
 
 import torch
+
+from .dynamic import check_layer_idx
 
 
 class FixedLengthLayer:
@@ -29,3 +31,23 @@ class FixedLengthLayer:
     def get_max_length(self) -> int:
         """The capacity in tokens."""
         return self.max_tokens
+
+
+class FixedLengthCache:
+    """Mixin for a cache with ``layers`` and ``_new_layer(layer_idx)``: layers made on demand, no crops."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write into layer ``layer_idx`` (an int >= 0; created if needed); see the layer's ``update``.
+
+        Raises:
+            TypeError / ValueError: ``layer_idx`` not an int >= 0; the layer's own checks.
+        """
+        layer_idx = check_layer_idx(layer_idx)
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def is_croppable(self) -> bool:
+        """``False``: no crops (transformers' assisted decoding checks it)."""
+        return False

@@ -57,8 +57,8 @@ from ..format import BitmapKV, bytes_per_token, dense_bytes_per_token
 from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_attention_implementation
 from ..ops import append
-from .dynamic import check_backend, check_layer_idx
-from .fixed_length import FixedLengthLayer
+from .dynamic import check_backend
+from .fixed_length import FixedLengthCache, FixedLengthLayer
 from .rules import pads_from_mask
 from .static_ops import static_decode_attention
 from .static_steps import CHUNK_GROUP_BYTES, FUSED_ENV, StaticSteps
@@ -266,7 +266,7 @@ class StaticMustafarLayer(StaticSteps, FixedLengthLayer, CacheLayerMixin):
             self.value_store.truncate(0)
 
 
-class StaticMustafarCache(Cache):
+class StaticMustafarCache(FixedLengthCache, Cache):
     """A graph-capturable compressed KV cache, allocated per layer at the prefill (see the module docstring).
 
     Args:
@@ -322,18 +322,6 @@ class StaticMustafarCache(Cache):
         return (f"StaticMustafarCache(K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}, "
                 f"max_tokens={self.max_tokens}{', kept_dtype=float8_e4m3fn' if is_fp8(self.kept_dtype) else ''}, "
                 f"layers={len(self.layers)})")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Append to layer ``layer_idx`` (an int >= 0; created if needed); see :meth:`StaticMustafarLayer.update`."""
-        layer_idx = check_layer_idx(layer_idx)
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer(len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-
-    @property
-    def is_croppable(self) -> bool:
-        """``False``: the static cache cannot remove tokens (transformers' assisted decoding checks it)."""
-        return False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Not supported: the store has no room to keep removable tokens dense.
