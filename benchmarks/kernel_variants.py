@@ -60,6 +60,7 @@ def build_source(spec: str, workdir: str) -> tuple[str, list[str]]:
 
 
 def load_variant(name: str, csrc: str, flags: list[str], verbose: bool = False):
+    """Build (cached in ``TORCH_EXTENSIONS_DIR``) and import the extension of ``csrc`` with ``flags`` as ``name``."""
     from torch.utils.cpp_extension import load
 
     major, minor = torch.cuda.get_device_capability()
@@ -95,6 +96,7 @@ def use_variant(ext) -> None:
 
 
 def make_case(shape, batch, context, sparsity, dtype):
+    """(a maker of random ``(query, key store, value store, key window, value window)``, bytes one call reads)."""
     hq, hkv, d = SHAPES[shape]
     n_comp = context - WINDOW
 
@@ -115,6 +117,7 @@ def make_case(shape, batch, context, sparsity, dtype):
 
 
 def dense_time(shape, batch, context, dtype) -> float:
+    """Seconds per call of default-backend SDPA on dense random K/V of ``context`` tokens (graph replay)."""
     hq, hkv, d = SHAPES[shape]
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, hkv, context, d, device="cuda", dtype=dtype)
