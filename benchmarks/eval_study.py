@@ -29,6 +29,7 @@ Usage (repository root)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shlex
@@ -46,6 +47,7 @@ from mustafar.evaluation.batched import auto_batch_size, length_batches
 from mustafar.evaluation.ruler import RULER_TASKS
 from mustafar.evaluation.runner import prepare_text, run_configs, task_jobs
 from mustafar.evaluation.study import write_outputs
+from mustafar.models import embedded_gguf_path
 
 METHODS = ("per-token", "per-channel", "output-aware", "think")
 SETTINGS = ("dense", "K0.5V0.5", "K0.7V0.7", "K0.8V0.8", "K0.5V0.0", "K0.0V0.5")
@@ -57,10 +59,11 @@ SMOKE = {"tasks": ("niah_single_1", "vt"), "lengths": (512,), "samples": 2, "ppl
          "max_new_tokens": 6, "methods": ("per-token", "think"), "settings": ("dense", "K0.5V0.5")}
 #: Free memory of an H200 for planning a GPU run on another machine (139 GiB visible, weights and context taken).
 H200_FREE_BYTES = 135 * 2**30
-#: Assumed H200 costs behind :func:`estimate` (SmolLM2-135M, bf16, eager; not measured: no GPU run yet): one
-#: decode step of a ~92-row batch over 30 layers (Python-bound, ~1 ms per layer), prefill throughput, building one
-#: setting's cache from the prefill, and start-up (GGUF conversion, CUDA kernel compilation ~35 s, CUDA context).
-GPU_COSTS = {"decode_step_s": 0.035, "prefill_tokens_per_s": 250_000.0, "fill_s": 0.15, "startup_s": 75.0}
+#: H200 costs behind :func:`estimate` (SmolLM2-135M, bf16, eager): one decode step of a ~92-row batch over 30
+#: layers (Python-bound; calibrated so that the full study's estimate matches its 714 s run on 2026-12-03, which
+#: the earlier assumption of 35 ms put at 475 s), prefill throughput, building one setting's cache from the
+#: prefill, and start-up (GGUF conversion, CUDA kernel compilation ~35 s, CUDA context).
+GPU_COSTS = {"decode_step_s": 0.061, "prefill_tokens_per_s": 250_000.0, "fill_s": 0.15, "startup_s": 75.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,6 +202,22 @@ def estimate(model, tokenizer, config: EvalConfig, costs: dict = GPU_COSTS, batc
     return work
 
 
+def earlier_invocations(out: Path, fresh: bool) -> list[dict]:
+    """The invocations recorded in ``out/study.json`` by the runs this one resumes (none with ``--fresh``).
+
+    Each is ``{"command", "date", "runtime_s", "runs_done"}``; a study.json written before this field existed
+    counts as one invocation that did all its runs.
+    """
+    path = out / "study.json"
+    if fresh or not path.is_file():
+        return []
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if "invocations" in document:
+        return list(document["invocations"])
+    return [{"command": document.get("command"), "date": document.get("date"),
+             "runtime_s": document.get("runtime_s", 0.0), "runs_done": document.get("runs", 0)}]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     study_configs = configs(args)
@@ -214,6 +233,9 @@ def main(argv=None) -> int:
     name = args.model or "SmolLM2-135M-Instruct (embedded)"
     info = {"name": name, "dtype": args.dtype, "device": str(model.device),
             "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None}
+    gguf = embedded_gguf_path() if args.model is None else Path(args.model)
+    if gguf.suffix == ".gguf" and gguf.is_file():  # which weights ran: a copy of the embedded file has its digest
+        info["gguf_sha256"] = hashlib.sha256(gguf.read_bytes()).hexdigest()
     print(f"model {name} {args.dtype} on {model.device}, loaded in {load_s:.1f} s", flush=True)
     if args.plan:
         total_s = GPU_COSTS["startup_s"]
@@ -240,9 +262,14 @@ def main(argv=None) -> int:
         print(f"time budget of {args.time_budget_s} s reached: {len(store)}/{total} runs kept; run the same "
               "command again to resume", flush=True)
     results = list(store.results.values())
-    meta = {"command": shlex.join([sys.executable, *sys.argv]), "date": date, "model": info, "complete": complete,
-            "runtime_s": time.perf_counter() - start, "model_load_s": load_s, "runs": len(results), "total": total,
-            "resumed": store.first}
+    runtime_s = time.perf_counter() - start
+    command = shlex.join([sys.executable, *sys.argv])
+    invocations = earlier_invocations(args.out, args.fresh) + [
+        {"command": command, "date": date, "runtime_s": runtime_s, "runs_done": len(results) - store.first}]
+    meta = {"command": command, "date": date, "model": info, "complete": complete,
+            "runtime_s": runtime_s, "model_load_s": load_s, "runs": len(results), "total": total,
+            "resumed": store.first, "invocations": invocations,
+            "runtime_total_s": sum(i["runtime_s"] for i in invocations)}
     write_outputs(args.out, results, study_configs, meta)
     print((args.out / "tables.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out / 'study.json'}, tables.md and plots in {time.perf_counter() - start:.0f} s", flush=True)

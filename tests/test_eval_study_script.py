@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from helpers import save_tiny_model
 
-from mustafar.evaluation.study import update_sections
+from mustafar.evaluation.study import data_sections, update_sections
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,15 @@ def test_time_budget_stops_and_resumes(model_dir, tmp_path, capsys):
     assert not first["complete"] and 0 < first["runs"] < first["total"]
     assert "run the same command again to resume" in capsys.readouterr().out
     assert study.main(args) == 0
-    assert json.loads((tmp_path / "study.json").read_text())["complete"]
+    final = json.loads((tmp_path / "study.json").read_text())
+    assert final["complete"]
+    # both invocations are recorded, and their run times add up
+    runs = [i["runs_done"] for i in final["invocations"]]
+    assert runs == [first["runs"], final["total"] - first["runs"]]
+    assert final["runtime_total_s"] == pytest.approx(sum(i["runtime_s"] for i in final["invocations"]))
+    setup = data_sections(final)["setup"]
+    assert "in 2 invocations" in setup and "Command 1 (" in setup and "Command 2 (" in setup
+    assert setup.count("- Tasks: ") == 2  # the perplexity run and the RULER run
 
 
 def test_plan_estimates_without_running(model_dir, tmp_path, capsys):

@@ -135,7 +135,9 @@ def render(document: dict, out: Path) -> list[Path]:
     rows, model = document["summary"], document.get("model", {})
     tasks = [t for c in document["config"] for t in c["tasks"]]
     (out / "tables.md").write_text(markdown_tables(rows, tasks), encoding="utf-8")
-    title = f"{model.get('name', 'model')}, {model.get('dtype', '')}, {model.get('device', '')}"
+    name = str(model.get("name", "model"))
+    name = Path(name).name if name.endswith(".gguf") else name  # a file's name, not where it lay on the machine
+    title = f"{name}, {model.get('dtype', '')}, {model.get('gpu') or model.get('device', '')}"
     paths = []
     for length in sorted({r["context_length"] for r in rows if r["suites"]}):
         paths.append(plot(out / f"ruler-{length}.png", [r for r in rows if r["context_length"] == length
@@ -164,21 +166,32 @@ def comparison_table(items: list[dict]) -> str:
 
 def _setup(document: dict) -> str:
     model, versions = document.get("model", {}), document.get("versions", {})
-    config = document["config"][0] if document.get("config") else {}
     state = "complete" if document.get("complete", True) else \
         f"INCOMPLETE: {document.get('runs')} of {document.get('total')} runs"
-    return "\n".join([
-        f"- Date: {document.get('date')}; run time {document.get('runtime_s', 0):.0f} s "
-        f"(model load {document.get('model_load_s', 0):.0f} s); {state}.",
-        f"- Device: {model.get('gpu') or model.get('device')}; model {model.get('name')} in {model.get('dtype')}.",
+    invocations = document.get("invocations") or [{"command": document.get("command"), "date": document.get("date"),
+                                                    "runtime_s": document.get("runtime_s", 0.0)}]
+    total_s = sum(i.get("runtime_s", 0.0) for i in invocations)
+    digest = f" (GGUF sha256 {model['gguf_sha256']})" if model.get("gguf_sha256") else ""
+    lines = [
+        f"- Date: {document.get('date')}; run time {total_s:.0f} s in {len(invocations)} invocation"
+        f"{'s' if len(invocations) > 1 else ''} (the last one's model load {document.get('model_load_s', 0):.0f} s); "
+        f"{state}.",
+        f"- Device: {model.get('gpu') or model.get('device')}; model {model.get('name')}{digest} in "
+        f"{model.get('dtype')}.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        f"- Tasks: {', '.join(config.get('tasks', []))}; context lengths {config.get('context_lengths')}; "
-        f"{config.get('samples')} samples per task and length; methods {', '.join(config.get('methods', []))}; "
-        f"settings {', '.join(config.get('settings', []))}; answers capped at {config.get('max_new_tokens_cap')} "
-        "tokens.",
-        f"- Command: `{document.get('command')}`",
-        f"- Intervals: {document.get('interval_note', '')}.",
-    ]) + "\n"
+    ]
+    for config in document.get("config", []):
+        lines.append(
+            f"- Tasks: {', '.join(config.get('tasks', []))}; context lengths {config.get('context_lengths')}; "
+            f"{config.get('samples')} samples per task and length; methods {', '.join(config.get('methods', []))}; "
+            f"settings {', '.join(config.get('settings', []))}; answers capped at "
+            f"{config.get('max_new_tokens_cap')} tokens.")
+    for i, invocation in enumerate(invocations, 1):
+        done = f", {invocation['runs_done']} runs" if "runs_done" in invocation else ""
+        lines.append(f"- Command {i} ({invocation.get('date')}, {invocation.get('runtime_s', 0):.0f} s{done}): "
+                     f"`{invocation.get('command')}`")
+    lines.append(f"- Intervals: {document.get('interval_note', '')}.")
+    return "\n".join(lines) + "\n"
 
 
 def data_sections(document: dict, plots_dir: str = "evaluation") -> dict[str, str]:
