@@ -279,6 +279,7 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    weights: str | None = None,
 ):
     """Load ``(model, tokenizer)`` in eval mode with the ``"mustafar"`` attention implementation.
 
@@ -293,6 +294,10 @@ def load_model(
             anything is loaded, :func:`check_device`).
         attn_implementation: defaults to ``"mustafar"`` (dense SDPA prefill, sparse
             decode on a :class:`mustafar.MustafarCache`).
+        weights: None (default: the weights in ``dtype``), ``"int4"`` or ``"int8"``: weight-only
+            quantisation of the linear layers (``lm_head`` excluded) through torchao after loading,
+            see :func:`mustafar.weights.quantize_weights` (int4 packed for tinygemm on CUDA with
+            ``bfloat16``, a portable 4-bit layout elsewhere).
 
     Returns:
         ``(model, tokenizer)``: a ``transformers`` causal LM and its tokenizer.
@@ -301,11 +306,15 @@ def load_model(
         FileNotFoundError: the default model is not installed, a ``.gguf`` path is missing, or a
             directory holds no model files.
         OSError: the model could not be found locally or on the Hub (message says how to get one).
-        ValueError / TypeError: an unknown ``dtype``, an empty ``name_or_path``, a bad ``device``.
+        ValueError / TypeError: an unknown ``dtype`` or ``weights``, an empty ``name_or_path``, a bad ``device``.
+        ImportError: ``weights`` given but torchao is not installed (``pip install torchao``).
         mustafar.ops.UnsupportedHardwareError: a ``device`` this machine lacks (e.g. CUDA).
     """
     from transformers import AutoModelForCausalLM
 
+    from .weights import check_weights, quantize_weights
+
+    check_weights(weights)
     torch_dtype = parse_dtype(dtype, allow_auto=True)
     target = check_device(device)
     source = _resolve_source(name_or_path)
@@ -316,4 +325,4 @@ def load_model(
     except OSError as error:
         raise _load_error(name_or_path, error) from error
     model.to(target).eval()
-    return model, tokenizer
+    return quantize_weights(model, weights), tokenizer
