@@ -345,6 +345,10 @@ def bench(
                                              "probes) in chunks of this many tokens.", show_default="one step"),
     random_fill: bool = typer.Option(False, "--random-fill", help="Fill each case's cache with random K and V "
                                      "instead of prefilling it: decode rows only, no time to first token."),
+    weights: str | None = typer.Option(None, help="Weight-only quantisation of the model: int4 or int8 (torchao; "
+                                       "int4 on CUDA runs in bfloat16, tinygemm).", show_default="none"),
+    dtype: str | None = typer.Option(None, help="Model and cache dtype: float32, bfloat16 or float16.",
+                                     show_default="float16 on CUDA (bfloat16 with --weights int4), else float32"),
     out: Path = typer.Option(Path("mustafar-bench"), help="Directory for bench.json / capacity.json and the plots."),
     device: str | None = typer.Option(None, help="Torch device.", show_default="cuda if available, else cpu"),
     window: int = WindowOption,
@@ -369,11 +373,19 @@ def bench(
     lists = {"batches": (batches, int), "prompts": (prompts, int), "settings": (settings, str), "modes": (modes, str)}
     given = {name: tuple(_split(text, name, kind)) for name, (text, kind) in lists.items() if text is not None}
     given.update({k: v for k, v in dict(shape=shape, layers=layers, new_tokens=new_tokens, budget_gib=budget_gib,
-                                         device=device, prefill_chunk=prefill_chunk).items() if v is not None})
+                                         device=device, prefill_chunk=prefill_chunk, weights=weights,
+                                         dtype=dtype).items() if v is not None})
     try:
         config = BenchConfig(**{**(QUICK if quick else {}), **given, "window": window, "chunk": chunk, "seed": seed,
                                 "capacity": capacity, "capacity_prefill": capacity_prefill,
                                 "random_fill": random_fill})
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
+    if config.weights is not None:
+        from .weights import require_torchao
+
+        try:
+            require_torchao()
+        except ImportError as error:
+            raise typer.BadParameter(str(error), param_hint="'--weights'") from error
     run_bench(config, out=out, log=lambda line: console.print(line, markup=False, highlight=False))

@@ -34,7 +34,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["WEIGHT_FORMATS", "INSTALL_HINT", "check_weights", "weight_layout", "quantize_weights"]
+__all__ = ["WEIGHT_FORMATS", "INSTALL_HINT", "check_weights", "require_torchao", "weight_layout", "quantize_weights"]
 
 #: Accepted values of ``weights`` (None: the model's own dtype, no quantisation).
 WEIGHT_FORMATS = ("int4", "int8")
@@ -57,10 +57,15 @@ def check_weights(weights: str | None) -> str | None:
     return weights
 
 
-def _torchao():
-    """Import torchao's quantisation API or raise ImportError with the install command."""
+def require_torchao() -> None:
+    """Raise ImportError (with the install command) unless torchao is installed."""
     if importlib.util.find_spec("torchao") is None:
         raise ImportError(f"weight quantisation needs torchao, which is not installed: {INSTALL_HINT}")
+
+
+def _torchao():
+    """torchao's quantisation API (ImportError with the install command if torchao is missing)."""
+    require_torchao()
     import torchao.quantization as quantization
 
     return quantization

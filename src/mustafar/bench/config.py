@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..config import SparsityConfig, parse_setting
 from ..generation import MODES, parse_dtype
+from ..weights import check_weights
 from .capacity import PREFILLS
 from .models import SHAPES
 
@@ -54,7 +55,10 @@ class BenchConfig:
             one prefill took less (longer prefills are timed once).
         op_repeats: calls per timing of an isolated op in the step breakdown.
         seed: of the random prompts; device: default CUDA if available.
-        dtype: of the model and caches (None: float16 on CUDA, float32 on a CPU, where fp16 matmuls are slow).
+        dtype: of the model and caches (None: float16 on CUDA, bfloat16 on CUDA with ``weights="int4"`` (the
+            dtype of torch's tinygemm 4-bit kernel), float32 on a CPU, where fp16 matmuls are slow).
+        weights: None (weights in ``dtype``), ``"int4"`` or ``"int8"``: weight-only quantisation of the model's
+            linear layers through torchao (:func:`mustafar.weights.quantize_weights`); every row uses that model.
         memory_limit_bytes: pretend the device holds this much (weights included); None: its real free memory.
         backend: of the Mustafar caches (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``).
         capture: capture the graph-mode step in a CUDA graph (None: on CUDA devices).
@@ -95,6 +99,7 @@ class BenchConfig:
     op_repeats: int = 20
     seed: int = 0
     dtype: str | None = None
+    weights: str | None = None
     device: str | None = None
     memory_limit_bytes: int | None = None
     backend: str = "auto"
@@ -145,6 +150,7 @@ class BenchConfig:
                              f"(max_position_embeddings), got prompt {longest} + {self.new_tokens} new tokens")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+        check_weights(self.weights)
         if self.memory_limit_bytes is not None:
             _positive_ints("memory_limit_bytes", (self.memory_limit_bytes,))
         if self.budget_gib is not None and not (isinstance(self.budget_gib, (int, float)) and self.budget_gib > 0):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import parse_dtype
+from ..weights import check_weights, quantize_weights
 
 __all__ = ["ModelShape", "SHAPES", "build_config", "build_model", "model_dims", "weight_bytes"]
 
@@ -91,25 +92,30 @@ def build_config(shape: str, layers: int | None = None):
 
 
 def build_model(shape: str = "llama3-8b", layers: int | None = None, dtype: torch.dtype | str = "float16",
-                device: str | torch.device = "cuda", attn_implementation: str = "mustafar"):
+                device: str | torch.device = "cuda", attn_implementation: str = "mustafar",
+                weights: str | None = None):
     """A causal LM of shape ``shape`` with random weights, created directly on ``device`` in ``dtype``, eval mode.
 
     The ``"mustafar"`` attention runs plain SDPA for transformers' caches and the
-    sparse decode kernels for Mustafar caches, so one model serves every case.
+    sparse decode kernels for Mustafar caches, so one model serves every case. ``weights``
+    (``"int4"``, ``"int8"``; None: none) quantises its linear layers after creation
+    (:func:`mustafar.weights.quantize_weights`).
 
     Raises:
-        ValueError / TypeError: an unknown shape or dtype, a bad ``layers``.
+        ValueError / TypeError: an unknown shape, dtype or ``weights``, a bad ``layers``.
+        ImportError: ``weights`` given without torchao installed.
     """
     from transformers import AutoModelForCausalLM
 
     import mustafar  # noqa: F401  (registers the "mustafar" attention implementation)
 
+    check_weights(weights)
     config = build_config(shape, layers)
     torch_dtype = parse_dtype(dtype)
     _check_weights_fit(config, torch_dtype, torch.device(device))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch_dtype)
-    return model.eval()
+    return quantize_weights(model.eval(), weights)
 
 
 def _check_weights_fit(config, dtype: torch.dtype, device: torch.device) -> None:
@@ -153,11 +159,21 @@ def model_dims(config) -> dict:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers (tied weights counted once)."""
+    """Bytes of the model's parameters and buffers (tied weights counted once; quantised weights by their storage)."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+        for part in _storage_tensors(tensor):
+            if part.data_ptr() in seen:
+                continue
+            seen.add(part.data_ptr())
+            total += part.numel() * part.element_size()
     return total
+
+
+def _storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``: itself, or a tensor subclass's inner tensors (torchao's packed weights)."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is torch.Tensor or not hasattr(data, "__tensor_flatten__"):
+        return [data]
+    names, _ = data.__tensor_flatten__()
+    return [part for name in names for part in _storage_tensors(getattr(data, name))]

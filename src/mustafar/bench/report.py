@@ -56,7 +56,8 @@ def environment(clock: Clock, model, command: str | None = None) -> dict:
         "cuda_alloc_conf": os.environ.get(ALLOC_CONF),
         "model": {"architecture": type(model).__name__, "layers": config.num_hidden_layers,
                   "hidden": config.hidden_size, "dtype": str(model.dtype).replace("torch.", ""),
-                  "weights": "random (no checkpoint)"},
+                  "weights": "random (no checkpoint)",
+                  "quantised": getattr(config, "mustafar_weights", None)},
     }
 
 

@@ -52,8 +52,9 @@ class _Context:
         self.config, self.log = config, log
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.clock = Clock(device)
-        dtype = config.dtype or ("float16" if self.clock.cuda else "float32")
-        self.model = build_model(config.shape, config.layers, dtype, device)
+        cuda_dtype = "bfloat16" if config.weights == "int4" else "float16"  # int4: tinygemm needs bfloat16
+        dtype = config.dtype or (cuda_dtype if self.clock.cuda else "float32")
+        self.model = build_model(config.shape, config.layers, dtype, device, weights=config.weights)
         self.dims, self.weights = model_dims(self.model.config), weight_bytes(self.model)
 
     def available_bytes(self) -> int | None:
