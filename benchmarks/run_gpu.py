@@ -123,7 +123,9 @@ STEPS = {
                              "print('extension built')"], 300),
     "tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py",
                              *(["-k", a.tests_k] if a.tests_k else [])], 300),
-    "gpu-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/",
+    # --durations: the whole run took 355 s of a 30-minute device budget on 2026-12-03; its log says where.
+    "gpu-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", "-m", "gpu",
+                                 "tests/",
                                  *(["-k", a.tests_k] if a.tests_k else [])], 400),
     "variants": Step(lambda a: [PYTHON, "benchmarks/kernel_variants.py", "--out", str(a.out),
                                 *shlex.split(a.variants_args)], 300),
