@@ -72,6 +72,8 @@ class DenseStaticLayer(FixedLengthLayer, CacheLayerMixin):
         host_length: its host mirror (advanced by eager steps and captures, not by graph replays).
     """
 
+    crop_refusal = rows_refusal = _NO_EDITS
+
     is_compileable = False
     is_sliding = False
     is_croppable = False
@@ -212,22 +214,6 @@ class DenseStaticLayer(FixedLengthLayer, CacheLayerMixin):
         new = self.keys.new_ones(b, h, 1, d)
         return lambda: self._write(new, new, advance=False, state=state)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: raises ``NotImplementedError``."""
-        raise NotImplementedError(_NO_EDITS)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported: raises ``NotImplementedError``."""
-        raise NotImplementedError(_NO_EDITS)
-
-    batch_select_indices = batch_repeat_interleave = reorder_cache
-
-    def reset(self) -> None:
-        """Empty the layer; its buffers are kept."""
-        self.host_length, self.decoding, self._unconsumed = 0, False, False
-        if self.is_initialized:
-            self.length.zero_()
-
 
 class DenseStaticCache(FixedLengthCache, Cache):
     """A preallocated dense KV cache with device-side writes and exact-length SDPA decode (see the module docstring).
@@ -243,6 +229,8 @@ class DenseStaticCache(FixedLengthCache, Cache):
     Raises:
         TypeError / ValueError: a missing or bad ``max_tokens``, ``batch_size``, ``dtype`` or ``backend``.
     """
+
+    crop_refusal = rows_refusal = _NO_EDITS
 
     is_compileable = False
     captures_length = True
@@ -265,16 +253,6 @@ class DenseStaticCache(FixedLengthCache, Cache):
 
     def __repr__(self) -> str:
         return f"DenseStaticCache(max_tokens={self.max_tokens}, layers={len(self.layers)})"
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: raises ``NotImplementedError``."""
-        raise NotImplementedError(_NO_EDITS)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported: raises ``NotImplementedError``."""
-        raise NotImplementedError(_NO_EDITS)
-
-    batch_select_indices = batch_repeat_interleave = reorder_cache
 
     @property
     def allocated_nbytes(self) -> int:

@@ -9,7 +9,8 @@ from .dynamic import check_layer_idx
 
 
 class FixedLengthLayer:
-    """Mixin for a layer with attributes ``host_length`` (tokens held, host side) and ``max_tokens``."""
+    """Mixin for a layer with attributes ``host_length`` (tokens held, host side), ``max_tokens``, ``decoding``,
+    ``_unconsumed``, ``is_initialized`` and a device-side ``length``: no crops, no batch-row edits."""
 
     host_length: int
     max_tokens: int
@@ -32,9 +33,44 @@ class FixedLengthLayer:
         """The capacity in tokens."""
         return self.max_tokens
 
+    #: Messages of the ``NotImplementedError`` raised by ``crop`` and by the batch-row edits (set by each class).
+    crop_refusal: str
+    rows_refusal: str
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: the buffers are allocated once for graph replays.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`crop_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.crop_refusal)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported (beam search, batch selection or repetition), before or after the prefill.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`rows_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_select_indices(self, indices) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_repeat_interleave(self, repeats) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)
+
+    def reset(self) -> None:
+        """Empty the layer (``host_length`` 0, no step pending, device length 0); its buffers are kept."""
+        self.host_length, self.decoding, self._unconsumed = 0, False, False
+        if self.is_initialized:
+            self.length.zero_()
+
 
 class FixedLengthCache:
-    """Mixin for a cache with ``layers`` and ``_new_layer(layer_idx)``: layers made on demand, no crops."""
+    """Mixin for a cache with ``layers`` and ``_new_layer(layer_idx)``: layers made on demand, no crops, no
+    batch-row edits."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write into layer ``layer_idx`` (an int >= 0; created if needed); see the layer's ``update``.
@@ -51,3 +87,31 @@ class FixedLengthCache:
     def is_croppable(self) -> bool:
         """``False``: no crops (transformers' assisted decoding checks it)."""
         return False
+
+    #: Messages of the ``NotImplementedError`` raised by ``crop`` and by the batch-row edits (set by each class).
+    crop_refusal: str
+    rows_refusal: str
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: the buffers are allocated once for graph replays.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`crop_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.crop_refusal)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported (beam search, batch selection or repetition), before or after the prefill.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`rows_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_select_indices(self, indices) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_repeat_interleave(self, repeats) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)

@@ -88,6 +88,8 @@ class StaticMustafarLayer(StaticSteps, FixedLengthLayer, CacheLayerMixin):
         length: int64 device scalar, tokens held (advanced on the device by each decode step).
     """
 
+    crop_refusal, rows_refusal = _NO_CROP, _NO_ROWS
+
     is_compileable = False
     is_sliding = False
     is_croppable = False
@@ -246,22 +248,10 @@ class StaticMustafarLayer(StaticSteps, FixedLengthLayer, CacheLayerMixin):
         return static_decode_attention(query, self.key_store, self.value_store, self.keys, self.values,
                                        self.length, scale=scale, backend=self.backend)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: raises ``NotImplementedError`` (see :meth:`StaticMustafarCache.crop`)."""
-        raise NotImplementedError(_NO_CROP)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported (beam search): raises ``NotImplementedError``; the buffers are fixed for graph replays."""
-        raise NotImplementedError(_NO_ROWS)
-
-    batch_select_indices = batch_repeat_interleave = reorder_cache
-
     def reset(self) -> None:
         """Empty the cache; allocated storage is kept (same batch, heads, dtype and device next time)."""
-        self.host_length = 0
-        self.decoding = self._unconsumed = False
+        super().reset()
         if self.is_initialized:
-            self.length.zero_()
             self.key_store.truncate(0)
             self.value_store.truncate(0)
 
@@ -291,6 +281,8 @@ class StaticMustafarCache(FixedLengthCache, Cache):
         contradict ``batch_size``, ``dtype`` or ``device``.
         mustafar.ops.UnsupportedHardwareError: ``backend`` ``"triton"`` or ``"cuda"`` where it cannot run.
     """
+
+    crop_refusal, rows_refusal = _NO_CROP, _NO_ROWS
 
     is_compileable = False
 
@@ -322,24 +314,6 @@ class StaticMustafarCache(FixedLengthCache, Cache):
         return (f"StaticMustafarCache(K{self.key_sparsity:g}V{self.value_sparsity:g}, window={self.window}, "
                 f"max_tokens={self.max_tokens}{', kept_dtype=float8_e4m3fn' if is_fp8(self.kept_dtype) else ''}, "
                 f"layers={len(self.layers)})")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: the store has no room to keep removable tokens dense.
-
-        Raises:
-            NotImplementedError: always (use :class:`~mustafar.MustafarCache` for assisted decoding or crops).
-        """
-        raise NotImplementedError(_NO_CROP)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported (beam search, batch selection or repetition), before or after the prefill.
-
-        Raises:
-            NotImplementedError: always (use :class:`~mustafar.MustafarCache`).
-        """
-        raise NotImplementedError(_NO_ROWS)
-
-    batch_select_indices = batch_repeat_interleave = reorder_cache
 
     def _bytes(self, layer_bytes) -> int:
         return sum(layer_bytes(layer) for layer in self.layers if layer.is_initialized)
