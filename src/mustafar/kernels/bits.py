@@ -36,3 +36,12 @@ def dot(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def token_rows(BLOCK_R: tl.constexpr, n_rows, tokens, kv_heads):
+    """This program's ``BLOCK_R`` rows of a ``[batch, kv_heads, tokens]`` grid, row ``r`` being token
+    ``r % tokens`` of (batch, head) ``r // tokens``: ``(row_ok, b, h, t)``, each ``[BLOCK_R]``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    bh = rows // tokens
+    return rows < n_rows, bh // kv_heads, bh % kv_heads, rows % tokens

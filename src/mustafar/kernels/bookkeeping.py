@@ -14,7 +14,7 @@ Source of the pruning rule: Mustafar, arXiv 2505.22913.
 import triton
 import triton.language as tl
 
-from .compress import keep_mask, magnitude_keys
+from .compress import pack_bits, select_kept
 
 
 @triton.jit
@@ -29,18 +29,12 @@ def _evict_and_write(
     ok = row_ok[:, None] & ch_ok[None, :]
     ring_ptr = RING + (b * s_rb + h * s_rh + slot * s_rt)[:, None] + ch[None, :]
     x = tl.load(ring_ptr, mask=ok, other=0.0)
-    keys = tl.where(ch_ok[None, :], magnitude_keys(x, KEY_BITS), -1)
-    keep = keep_mask(keys, k_keep, KEY_BITS)
-    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    keep, position = select_kept(x, ch_ok, k_keep, KEY_BITS)
     write = row_ok & active
     v_ptr = VALS + (b * s_vb + h * s_vh + store_row * s_vt)[:, None] + position
     tl.store(v_ptr, x, mask=keep & write[:, None])
-    bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
-    word_of = (ch // 32)[None, :]
-    words = tl.arange(0, NW32)
-    packed = tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
-    b_ptr = BITS + (b * s_bb + h * s_bh + store_row * s_bt)[:, None] + words[None, :]
-    tl.store(b_ptr, packed, mask=write[:, None])
+    b_ptr = BITS + (b * s_bb + h * s_bh + store_row * s_bt)[:, None] + tl.arange(0, NW32)[None, :]
+    tl.store(b_ptr, pack_bits(keep, ch, NW32), mask=write[:, None])
     tl.debug_barrier()  # every thread has read the slot before any overwrites it
     new = tl.load(NEW + (b * s_nb + h * s_nh)[:, None] + ch[None, :], mask=ok, other=0.0)
     tl.store(ring_ptr, new, mask=ok)

@@ -13,6 +13,7 @@ Source of the rule: Mustafar, arXiv 2505.22913.
 import triton
 import triton.language as tl
 
+from .bits import token_rows
 from .fp8 import quantize_rows, row_scales
 
 
@@ -41,6 +42,25 @@ def keep_mask(keys, k_keep, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def select_kept(x, ch_ok, k_keep, KEY_BITS: tl.constexpr):
+    """The per-token rule on a tile ``x [ROWS, DP]`` (``ch_ok [DP]``: real channels): ``(keep, position)``,
+    ``keep`` True for the ``k_keep`` largest ``|x|`` of each row (:func:`keep_mask`), ``position`` each
+    entry's slot among the row's kept values (int32; meaningful where ``keep``)."""
+    keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
+    keep = keep_mask(keys, k_keep, KEY_BITS)
+    return keep, tl.cumsum(keep.to(tl.int32), axis=1) - 1
+
+
+@triton.jit
+def pack_bits(keep, ch, NW32: tl.constexpr):
+    """The bitmap words ``[ROWS, NW32]`` (int32) of ``keep [ROWS, DP]``: bit ``c % 32`` of word ``c // 32``."""
+    bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
+    word_of = (ch // 32)[None, :]
+    words = tl.arange(0, NW32)
+    return tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
+
+
+@triton.jit
 def compress_kernel(
     X, stride_xb, stride_xh, stride_xt,
     VALS, stride_vb, stride_vh, stride_vt,
@@ -55,20 +75,13 @@ def compress_kernel(
     ``KEPT_FP8``: ``VALS`` is uint8 (e4m3 bits), ``SCALES [b, h, t]`` of ``X``'s dtype, ``TINY`` its
     smallest normal.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    bh = rows // tokens
-    t = rows % tokens
-    b = bh // kv_heads
-    h = bh % kv_heads
+    row_ok, b, h, t = token_rows(BLOCK_R, n_rows, tokens, kv_heads)
     ch = tl.arange(0, DP)
     ch_ok = ch < D
     ok = row_ok[:, None] & ch_ok[None, :]
     x_ptr = X + (b * stride_xb + h * stride_xh + t * stride_xt)[:, None] + ch[None, :]
     x = tl.load(x_ptr, mask=ok, other=0.0)
-    keys = tl.where(ch_ok[None, :], _magnitude_keys(x, KEY_BITS), -1)
-    keep = keep_mask(keys, k_keep, KEY_BITS)
-    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    keep, position = select_kept(x, ch_ok, k_keep, KEY_BITS)
     v_ptr = VALS + (b * stride_vb + h * stride_vh + t * stride_vt)[:, None] + position
     if KEPT_FP8:
         xf = x.to(tl.float32)
@@ -78,13 +91,5 @@ def compress_kernel(
                  mask=row_ok)
     else:
         tl.store(v_ptr, x, mask=keep & row_ok[:, None])
-    bit_value = tl.where(keep, 1 << (ch % 32), 0)[:, None, :]
-    word_of = (ch // 32)[None, :]
-    words = tl.arange(0, NW32)
-    packed = tl.sum(tl.where(word_of[:, None, :] == words[None, :, None], bit_value, 0), axis=2)
-    b_ptr = BITS + (b * stride_bb + h * stride_bh + t * stride_bt)[:, None] + words[None, :]
-    tl.store(b_ptr, packed, mask=row_ok[:, None])
-
-
-#: Public name of the magnitude-key helper (the fused bookkeeping kernel selects with it too).
-magnitude_keys = _magnitude_keys
+    b_ptr = BITS + (b * stride_bb + h * stride_bh + t * stride_bt)[:, None] + tl.arange(0, NW32)[None, :]
+    tl.store(b_ptr, pack_bits(keep, ch, NW32), mask=row_ok[:, None])

@@ -9,7 +9,7 @@ The inverse of :mod:`mustafar.kernels.compress`; equal to :func:`mustafar.format
 import triton
 import triton.language as tl
 
-from .bits import low_bits, popcount
+from .bits import low_bits, popcount, token_rows
 
 
 @triton.jit
@@ -19,12 +19,7 @@ def expand_kernel(
     D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """``BLOCK_R`` rows per program; row ``r`` is token ``r % tokens`` of (batch, head) ``r // tokens``."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    bh = rows // tokens
-    t = rows % tokens
-    b = bh // kv_heads
-    h = bh % kv_heads
+    row_ok, b, h, t = token_rows(BLOCK_R, n_rows, tokens, kv_heads)
     ch = tl.arange(0, DP)
     ok = row_ok[:, None] & (ch < D)[None, :]
     words = tl.arange(0, NW32)
