@@ -8,7 +8,40 @@ import torch
 from .dynamic import check_layer_idx
 
 
-class FixedLengthLayer:
+class NoEdits:
+    """Mixin: ``crop`` and the batch-row edits raise ``NotImplementedError`` (the buffers are allocated once for
+    graph replays), with the messages each class names."""
+
+    #: Messages of the ``NotImplementedError`` raised by ``crop`` and by the batch-row edits (set by each class).
+    crop_refusal: str
+    rows_refusal: str
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: the buffers are allocated once for graph replays.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`crop_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.crop_refusal)
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Not supported (beam search, batch selection or repetition), before or after the prefill.
+
+        Raises:
+            NotImplementedError: always (the message, :attr:`rows_refusal`, names what to use instead).
+        """
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_select_indices(self, indices) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)
+
+    def batch_repeat_interleave(self, repeats) -> None:
+        """Not supported: see :meth:`reorder_cache`."""
+        raise NotImplementedError(self.rows_refusal)
+
+
+class FixedLengthLayer(NoEdits):
     """Mixin for a layer with attributes ``host_length`` (tokens held, host side), ``max_tokens``, ``decoding``,
     ``_unconsumed``, ``is_initialized`` and a device-side ``length``: no crops, no batch-row edits."""
 
@@ -33,34 +66,6 @@ class FixedLengthLayer:
         """The capacity in tokens."""
         return self.max_tokens
 
-    #: Messages of the ``NotImplementedError`` raised by ``crop`` and by the batch-row edits (set by each class).
-    crop_refusal: str
-    rows_refusal: str
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: the buffers are allocated once for graph replays.
-
-        Raises:
-            NotImplementedError: always (the message, :attr:`crop_refusal`, names what to use instead).
-        """
-        raise NotImplementedError(self.crop_refusal)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported (beam search, batch selection or repetition), before or after the prefill.
-
-        Raises:
-            NotImplementedError: always (the message, :attr:`rows_refusal`, names what to use instead).
-        """
-        raise NotImplementedError(self.rows_refusal)
-
-    def batch_select_indices(self, indices) -> None:
-        """Not supported: see :meth:`reorder_cache`."""
-        raise NotImplementedError(self.rows_refusal)
-
-    def batch_repeat_interleave(self, repeats) -> None:
-        """Not supported: see :meth:`reorder_cache`."""
-        raise NotImplementedError(self.rows_refusal)
-
     def reset(self) -> None:
         """Empty the layer (``host_length`` 0, no step pending, device length 0); its buffers are kept."""
         self.host_length, self.decoding, self._unconsumed = 0, False, False
@@ -68,7 +73,7 @@ class FixedLengthLayer:
             self.length.zero_()
 
 
-class FixedLengthCache:
+class FixedLengthCache(NoEdits):
     """Mixin for a cache with ``layers`` and ``_new_layer(layer_idx)``: layers made on demand, no crops, no
     batch-row edits."""
 
@@ -87,31 +92,3 @@ class FixedLengthCache:
     def is_croppable(self) -> bool:
         """``False``: no crops (transformers' assisted decoding checks it)."""
         return False
-
-    #: Messages of the ``NotImplementedError`` raised by ``crop`` and by the batch-row edits (set by each class).
-    crop_refusal: str
-    rows_refusal: str
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: the buffers are allocated once for graph replays.
-
-        Raises:
-            NotImplementedError: always (the message, :attr:`crop_refusal`, names what to use instead).
-        """
-        raise NotImplementedError(self.crop_refusal)
-
-    def reorder_cache(self, beam_idx) -> None:
-        """Not supported (beam search, batch selection or repetition), before or after the prefill.
-
-        Raises:
-            NotImplementedError: always (the message, :attr:`rows_refusal`, names what to use instead).
-        """
-        raise NotImplementedError(self.rows_refusal)
-
-    def batch_select_indices(self, indices) -> None:
-        """Not supported: see :meth:`reorder_cache`."""
-        raise NotImplementedError(self.rows_refusal)
-
-    def batch_repeat_interleave(self, repeats) -> None:
-        """Not supported: see :meth:`reorder_cache`."""
-        raise NotImplementedError(self.rows_refusal)
