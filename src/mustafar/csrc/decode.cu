@@ -529,8 +529,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
   if (split < p.n_splits) {
     const int lo = split * p.tokens_per_split;
     const int hi = min(lo + p.tokens_per_split, dec.n_comp);
-    const char* kv = reinterpret_cast<const char*>(p.kv + b * p.kv_sb + h * p.kv_sh);
-    const char* vv = reinterpret_cast<const char*>(p.vv + b * p.vv_sb + h * p.vv_sh);
+    // strides in elements of the kept dtype: bytes for FP8, 16-bit words otherwise
+    const char* kv = reinterpret_cast<const char*>(p.kv) + (b * p.kv_sb + h * p.kv_sh) * Dec::KeptT::kBytes;
+    const char* vv = reinterpret_cast<const char*>(p.vv) + (b * p.vv_sb + h * p.vv_sh) * Dec::KeptT::kBytes;
     const char* kb = reinterpret_cast<const char*>(p.kb + b * p.kb_sb + h * p.kb_sh);
     const char* vb = reinterpret_cast<const char*>(p.vb + b * p.vb_sb + h * p.vb_sh);
     const char* ks = F8 ? reinterpret_cast<const char*>(p.ks + b * p.ks_sb + h * p.ks_sh) : nullptr;

@@ -30,8 +30,8 @@ struct DecodeParams {
   // (the window is a ring buffer of `window` slots).
   const long long* length;
   int window;
-  // FP8 kept values (issue 15): when fp8 is set, kv / vv hold e4m3 bytes (k_keep / v_keep per row) and ks / vs the
-  // per-token scales [B, Hkv, cap] in the cache dtype (tokens contiguous); otherwise unused.
+  // FP8 kept values (issue 15): when fp8 is set, kv / vv hold e4m3 bytes (k_keep / v_keep per row; their strides
+  // count bytes) and ks / vs the per-token scales [B, Hkv, cap] in the cache dtype (tokens contiguous).
   int fp8;
   const uint16_t* ks;
   long long ks_sb, ks_sh;
