@@ -86,10 +86,15 @@ def test_fp8_attention_within_e4m3_error_of_the_cache_dtype(sparsity, dtype):
     assert fp8.dtype == dtype and 0 < _rel_err(fp8, full) < FP8_TOL
 
 
-def test_cuda_backend_reports_that_it_does_not_read_fp8():
+def test_cuda_backend_refuses_fp8_stores_it_cannot_read_with_the_reason():
+    """CPU tensors: the device; a key store in FP8 with a value store in the cache dtype: the mix (CUDA reads FP8
+    kept values on compute capability >= 8.9 when both stores hold them; tests/test_gpu_fp8.py)."""
     query, kc, vc, kw, vw, _, _ = _case(1, 1, 2, 10, 0, 64, torch.float16, seed=3)
-    with pytest.raises(UnsupportedHardwareError, match="FP8"):
+    with pytest.raises(UnsupportedHardwareError, match="CUDA tensors"):
         sparse_decode_attention(query, kc, vc, backend="cuda")
+    plain = compress(vc.decompress(), vc.sparsity)
+    with pytest.raises(UnsupportedHardwareError, match="both the key and the value store"):
+        sparse_decode_attention(query, kc, plain, backend="cuda")
 
 
 def test_static_decode_attention_reads_fp8_stores():
@@ -207,13 +212,13 @@ def test_cli_generate_refuses_an_unknown_kept_dtype():
 
 
 def test_backend_table_reports_the_fp8_capability():
-    """The CUDA entry of the table says it does not serve FP8 stores; "auto" then picks another entry."""
+    """The CUDA entry of the table says why it does not serve these FP8 stores; "auto" then picks another entry."""
     from mustafar.backends import CudaBackend, resolve_backend
 
     query, kc, vc, _, _, _, _ = _case(1, 2, 2, 20, 0, 64, torch.float16, seed=6)
     cuda = CudaBackend()
-    assert "FP8" in cuda.supports_decode(query=query, key_cache=kc, value_cache=vc)
-    assert "FP8" in cuda.supports_static_decode(query=query, key_cache=kc, value_cache=vc, key_window=None)
+    assert "CUDA tensors" in cuda.supports_decode(query=query, key_cache=kc, value_cache=vc)
+    assert "CUDA tensors" in cuda.supports_static_decode(query=query, key_cache=kc, value_cache=vc, key_window=None)
     values, bitmaps = kc.storage
     assert "CUDA tensors" in cuda.supports_compress(x=query, values=values, bitmaps=bitmaps)  # it writes FP8 on CUDA
     assert resolve_backend("decode", query=query, key_cache=kc, value_cache=vc) == "torch"

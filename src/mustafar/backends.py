@@ -7,17 +7,17 @@ Entries, in the priority order of ``backend="auto"`` (:data:`TABLE`):
 
 1. ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (launcher :mod:`mustafar.launch.cuda`, compiled at
    first use): CUDA tensors on compute capability >= 8.0, fp16/bf16, head_dim 64 or 128, at most 16
-   query rows per KV head and a bool or no mask, kept values in the cache dtype (FP8: compression
-   only). Serves all four operations.
+   query rows per KV head and a bool or no mask. Serves all four operations; FP8 kept values for
+   the decode operations on compute capability >= 8.9, for the compression ones on any.
 2. ``"triton"``: the ``@triton.jit`` kernels of :mod:`mustafar.kernels` (launchers in
    :mod:`mustafar.launch`): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when asked for
    explicitly (``"auto"`` never picks the interpreter). Decode and compress only: it has no static form,
    so an explicit ``"triton"`` serves the static operations as ``"auto"`` does.
 3. ``"torch"``: the PyTorch references of :mod:`mustafar.reference`, any device, any input.
 
-FP8 kept values (``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`): Triton and the reference; the
-CUDA entry compresses into FP8 stores (``compress`` and ``static_evict``, bit-identical to the reference)
-but reports it does not read them (``"auto"`` then decodes with Triton, or the reference for the static ops).
+FP8 kept values (``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`): the CUDA entry decodes them
+(``decode`` and ``static_decode``, compute capability >= 8.9) and compresses into FP8 stores (``compress``
+and ``static_evict``, bit-identical to the reference); Triton and the reference read and write them too.
 
 Operations (:data:`OPS`) and the inputs their ``supports_<op>`` methods read (keywords of :func:`pick`):
 
@@ -169,7 +169,8 @@ class CudaBackend:
                      "16 query rows per KV head (q_heads // kv_heads * q_len), rows contiguous in storage whose "
                      "capacity is a multiple of 16 tokens, and a bool or no mask")
     _NEEDS_COMPRESS = "fp16/bf16 rows of head_dim 64 or 128 on a CUDA device of compute capability >= 8.0"
-    _NO_FP8 = "it does not read FP8 kept values (kept_dtype=torch.float8_e4m3fn); 'auto' uses Triton for them"
+    _NO_FP8_DECODE = ("it reads FP8 kept values (kept_dtype=torch.float8_e4m3fn) on compute capability >= 8.9 only; "
+                      "'auto' uses Triton for them")
 
     def unavailable(self) -> str | None:
         from .launch.cuda import cuda_available
@@ -177,11 +178,14 @@ class CudaBackend:
         return None if cuda_available() else "it needs a CUDA device of compute capability >= 8.0"
 
     def supports_decode(self, query, key_cache, value_cache, key_window=None, attention_mask=None, **_) -> str | None:
-        if key_cache.is_fp8 or value_cache.is_fp8:
-            return self._NO_FP8
+        if key_cache.is_fp8 != value_cache.is_fp8:
+            return "it reads FP8 kept values only when both the key and the value store hold them"
         if not query.is_cuda:
             return f"it runs on CUDA tensors, got device {query.device}"
-        from .launch.cuda import cuda_available, cuda_supported
+        from .launch.cuda import cuda_available, cuda_supported, fp8_available
+
+        if key_cache.is_fp8 and cuda_available() and not fp8_available():
+            return self._NO_FP8_DECODE
 
         if cuda_available() and cuda_supported(query, key_cache, value_cache, key_window, attention_mask):
             return None

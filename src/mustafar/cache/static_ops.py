@@ -57,7 +57,7 @@ def static_decode_attention(
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: ``"auto"`` (the CUDA kernel where it applies, else the reference), ``"cuda"`` or ``"torch"``
             (``"triton"`` has no static form and serves as ``"auto"`` does; :mod:`mustafar.backends`).
-            FP8 kept values: the reference (the CUDA kernels do not read them).
+            FP8 kept values: the CUDA kernel on compute capability >= 8.9, else the reference.
 
     Returns:
         ``[batch, q_heads, 1, head_dim]`` in the query's dtype; zeros while ``length`` is 0 (no key

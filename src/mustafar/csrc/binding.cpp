@@ -18,11 +18,13 @@ void check(int err, const char* what) {
 
 // query [B, Hq, Lq, D]; values [B, Hkv, cap, k_keep]; bitmaps int32 view [B, Hkv, cap, D/32];
 // windows [B, Hkv, W, D] or empty; mask bool [B, Hq, Lq, total] (any broadcast strides, last stride 1) or empty.
+// FP8 kept values: kv / vv uint8 views of the e4m3 values, ks / vs the scales [B, Hkv, cap] (cache dtype, tokens
+// contiguous); empty ks / vs: kept values in the cache dtype.
 void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& kb, const torch::Tensor& vv,
             const torch::Tensor& vb, const torch::Tensor& kw, const torch::Tensor& vw, const torch::Tensor& mask,
             torch::Tensor& part_o, torch::Tensor& part_m, torch::Tensor& part_l, torch::Tensor& out, int64_t n_comp,
             int64_t tokens_per_split, int64_t n_splits, double scale_log2e, const torch::Tensor& length,
-            int64_t window) {
+            int64_t window, const torch::Tensor& ks, const torch::Tensor& vs) {
   const c10::cuda::CUDAGuard device_guard(q.device());  // launch on the tensors' device, not the current one
   DecodeParams p{};
   p.q = half_ptr(q);
@@ -43,6 +45,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
     p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sl = mask.stride(2);
   }
   p.part_o = part_o.data_ptr<float>(), p.part_m = part_m.data_ptr<float>(), p.part_l = part_l.data_ptr<float>();
+  if (ks.numel() > 0) {
+    TORCH_CHECK(vs.numel() > 0 && kv.element_size() == 1 && vv.element_size() == 1 && ks.stride(2) == 1 &&
+                    vs.stride(2) == 1, "FP8 decode needs uint8 K and V values and both scales with tokens contiguous");
+    p.fp8 = 1;
+    p.ks = half_ptr(ks), p.ks_sb = ks.stride(0), p.ks_sh = ks.stride(1);
+    p.vs = half_ptr(vs), p.vs_sb = vs.stride(0), p.vs_sh = vs.stride(1);
+  }
   const int64_t heads = q.size(1), kv_heads = kv.size(1);
   p.kv_heads = kv_heads;
   p.group = heads / kv_heads;
@@ -99,8 +108,8 @@ void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitm
   check(mustafar_compress_launch(&p, bf16, x.size(3), stream), "compress kernel");
 }
 
-int64_t occupancy(bool bf16, int64_t head_dim, int64_t rows, bool masked, int64_t k_keep, int64_t v_keep) {
-  return mustafar_decode_occupancy(bf16, head_dim, rows, masked, k_keep, v_keep);
+int64_t occupancy(bool bf16, int64_t head_dim, int64_t rows, bool masked, int64_t k_keep, int64_t v_keep, bool fp8) {
+  return mustafar_decode_occupancy(bf16, head_dim, rows, masked, k_keep, v_keep, fp8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

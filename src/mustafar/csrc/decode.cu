@@ -103,6 +103,75 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   return v;
 }
 
+// 8-bit load from shared memory (an FP8 kept value), zero-extended.
+__device__ __forceinline__ uint32_t lds_u8(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+// Two e4m3 values (low byte: first) -> f16x2, exactly (every e4m3 value is an fp16 value; 0x7f/0xff -> NaN).
+// sm_89+: the launcher never runs an FP8 variant on older devices (launch/cuda.py).
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t pair) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t out;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(out) : "h"(static_cast<unsigned short>(pair)));
+  return out;
+#else
+  __trap();
+  return 0u;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t e4m3x2_to(uint32_t pair);
+
+template <>
+__device__ __forceinline__ uint32_t e4m3x2_to<__half>(uint32_t pair) {
+  return e4m3x2_to_f16x2(pair);
+}
+
+template <>
+__device__ __forceinline__ uint32_t e4m3x2_to<__nv_bfloat16>(uint32_t pair) {
+  const uint32_t h = e4m3x2_to_f16x2(pair);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  return pack2<__nv_bfloat16>(f.x, f.y);  // exact: e4m3 values are bf16 values
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(uint16_t bits);
+
+template <>
+__device__ __forceinline__ float to_float<__half>(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+// The kept values of the compressed rows: the cache dtype (2 bytes) or e4m3 (1 byte, issue 15). `pair` packs the
+// values of two loads (low first) into one 32-bit mma operand register of dtype T.
+template <bool F8>
+struct Kept;
+
+template <>
+struct Kept<false> {
+  static constexpr int kBytes = 2;
+  __device__ static uint32_t load(uint32_t addr) { return lds_u16(addr); }
+  template <typename T>
+  __device__ static uint32_t pair(uint32_t lo, uint32_t hi) { return __byte_perm(lo, hi, 0x5410); }
+};
+
+template <>
+struct Kept<true> {
+  static constexpr int kBytes = 1;
+  __device__ static uint32_t load(uint32_t addr) { return lds_u8(addr); }
+  template <typename T>
+  __device__ static uint32_t pair(uint32_t lo, uint32_t hi) { return e4m3x2_to<T>(lo | (hi << 8)); }
+};
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -133,15 +202,22 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
 }
 
 // Shared memory of one warp stage: K values, V values (K and V may keep different counts: per-K/V sparsity),
-// K bitmaps, V bitmaps, K and V row prefix counts.
+// K bitmaps, V bitmaps, K and V row prefix counts, and with FP8 kept values the K and V scales (16 each).
 template <int D>
 struct Stage {
   static constexpr int kWords = D / 32;
   static constexpr int kBitsBytes = kTile * kWords * 4;
   static constexpr int kPrefixBytes = kTile * 4;
-  int k_bytes, v_bytes;  // 16 tokens * k_keep * 2 and 16 tokens * v_keep * 2 bytes (multiples of 16)
-  __host__ __device__ Stage(int k_keep, int v_keep) : k_bytes(kTile * k_keep * 2), v_bytes(kTile * v_keep * 2) {}
-  __host__ __device__ int size() const { return k_bytes + v_bytes + 2 * kBitsBytes + 2 * kPrefixBytes; }
+  static constexpr int kScaleBytes = kTile * 2;
+  // 16 tokens * k_keep * kept bytes and 16 tokens * v_keep * kept bytes (multiples of 16); scales (0 or 64)
+  int k_bytes, v_bytes, scale_bytes;
+  __host__ __device__ Stage(int k_keep, int v_keep, bool fp8)
+      : k_bytes(kTile * k_keep * (fp8 ? 1 : 2)), v_bytes(kTile * v_keep * (fp8 ? 1 : 2)),
+        scale_bytes(fp8 ? 2 * kScaleBytes : 0) {}
+  __host__ __device__ int bits_offset() const { return k_bytes + v_bytes; }
+  __host__ __device__ int prefix_offset() const { return bits_offset() + 2 * kBitsBytes; }
+  __host__ __device__ int scale_offset() const { return prefix_offset() + 2 * kPrefixBytes; }
+  __host__ __device__ int size() const { return scale_offset() + scale_bytes; }
 };
 
 // The packed exclusive prefix counts of a row's bitmap words: byte j = set bits in words 0..j-1.
@@ -165,8 +241,9 @@ __device__ __forceinline__ uint32_t run_of(const uint32_t* words, uint32_t prefi
   return COUNT == 32 ? w : (w >> shift) & ((1u << COUNT) - 1u);
 }
 
-template <typename T, int D, bool MASKED, int NT>
+template <typename T, int D, bool MASKED, int NT, bool F8>
 struct Decoder {
+  using KeptT = Kept<F8>;
   static constexpr int kWords = D / 32;
   static constexpr int kKB = D / 16;   // k-blocks of S^T = K Q^T
   static constexpr int kMT = D / 16;   // m-tiles of O^T = V^T P^T
@@ -234,8 +311,9 @@ struct Decoder {
   }
 
   // S^T tile [16 tokens x 8 NT rows] from compressed K rows in shared memory (tokens g and g + 8).
-  __device__ void scores_sparse(float s[NT][4], const uint16_t* vals, const uint32_t* bits, const uint32_t* prefix,
-                                int valid, int k_keep) {
+  // FP8: `scales` (the 16 tokens' K scales, cache dtype bits) multiply the scores (S = scale * q . Q).
+  __device__ void scores_sparse(float s[NT][4], const void* vals, const uint32_t* bits, const uint32_t* prefix,
+                                int valid, int k_keep, const uint16_t* scales) {
     uint32_t mine[2], src[2];
     const uint32_t base = smem_addr(vals);
 #pragma unroll
@@ -244,7 +322,7 @@ struct Decoder {
       int x;
       mine[half] = run_of<kCPTK>(bits + row * kWords, prefix[row], kCPTK * t, x);
       if (row >= valid) mine[half] = 0;
-      src[half] = base + 2u * (row * k_keep + x);
+      src[half] = base + KeptT::kBytes * (row * k_keep + x);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -258,14 +336,22 @@ struct Decoder {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           if (mine[half] & (1u << (4 * kb + i))) {
-            v[half][i] = lds_u16(src[half]);
-            src[half] += 2u;
+            v[half][i] = KeptT::load(src[half]);
+            src[half] += KeptT::kBytes;
           }
         }
-      const uint32_t a[4] = {__byte_perm(v[0][0], v[0][1], 0x5410), __byte_perm(v[1][0], v[1][1], 0x5410),
-                             __byte_perm(v[0][2], v[0][3], 0x5410), __byte_perm(v[1][2], v[1][3], 0x5410)};
+      const uint32_t a[4] = {KeptT::template pair<T>(v[0][0], v[0][1]), KeptT::template pair<T>(v[1][0], v[1][1]),
+                             KeptT::template pair<T>(v[0][2], v[0][3]), KeptT::template pair<T>(v[1][2], v[1][3])};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma16816<T>(s[nt], a, qb[nt][kb][0], qb[nt][kb][1]);
+    }
+    if (F8) {  // C layout: s[nt][0..1] token g, s[nt][2..3] token g + 8
+      const float s0 = to_float<T>(scales[g]), s1 = to_float<T>(scales[g + 8]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        s[nt][0] *= s0, s[nt][1] *= s0;
+        s[nt][2] *= s1, s[nt][3] *= s1;
+      }
     }
   }
 
@@ -290,8 +376,12 @@ struct Decoder {
     }
   }
 
-  // Online softmax over the tile (log2 units); rescales O^T and returns P^T's B fragments.
-  __device__ void softmax(float s[NT][4], int first_pos, int valid, uint32_t pb[NT][2]) {
+  // Online softmax over the tile (log2 units); rescales O^T and returns P^T's B fragments. SCALED (FP8 V):
+  // P^T's entries of tokens g and g + 8 are multiplied by vscale[0] and vscale[1] (O = sum p * scale * q); the
+  // running sums l are not.
+  template <bool SCALED = false>
+  __device__ void softmax(float s[NT][4], int first_pos, int valid, uint32_t pb[NT][2],
+                          const float* vscale = nullptr) {
     const bool all_visible = valid == kTile && first_pos + kTile - 1 <= min_last_vis;
     bool rescale = false;
     float alpha[NT][2];
@@ -337,6 +427,10 @@ struct Decoder {
     const uint32_t sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
+      if (SCALED) {
+        s[nt][0] *= vscale[0], s[nt][1] *= vscale[0];
+        s[nt][2] *= vscale[1], s[nt][3] *= vscale[1];
+      }
       const uint32_t lo = pack2<T>(s[nt][0], s[nt][1]), hi = pack2<T>(s[nt][2], s[nt][3]);
       pb[nt][0] = __byte_perm(__shfl_sync(kFull, lo, src1), __shfl_sync(kFull, lo, src2), sel);
       pb[nt][1] = __byte_perm(__shfl_sync(kFull, hi, src1), __shfl_sync(kFull, hi, src2), sel);
@@ -344,7 +438,7 @@ struct Decoder {
   }
 
   // O^T += V^T P^T for compressed V rows in shared memory (tokens 2t, 2t+1, 2t+8, 2t+9).
-  __device__ void accumulate_sparse(const uint32_t pb[NT][2], const uint16_t* vals, const uint32_t* bits,
+  __device__ void accumulate_sparse(const uint32_t pb[NT][2], const void* vals, const uint32_t* bits,
                                     const uint32_t* prefix, int valid, int k_keep) {
     uint32_t mine[4], src[4];
     const uint32_t base = smem_addr(vals);
@@ -354,7 +448,7 @@ struct Decoder {
       int x;
       mine[k] = run_of<kCPTV>(bits + row * kWords, prefix[row], kCPTV * g, x);
       if (row >= valid) mine[k] = 0;
-      src[k] = base + 2u * (row * k_keep + x);
+      src[k] = base + KeptT::kBytes * (row * k_keep + x);
     }
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
@@ -364,12 +458,12 @@ struct Decoder {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (mine[k] & (1u << (2 * i + j))) {
-            v[k][j] = lds_u16(src[k]);
-            src[k] += 2u;
+            v[k][j] = KeptT::load(src[k]);
+            src[k] += KeptT::kBytes;
           }
         }
-      const uint32_t a[4] = {__byte_perm(v[0][0], v[1][0], 0x5410), __byte_perm(v[0][1], v[1][1], 0x5410),
-                             __byte_perm(v[2][0], v[3][0], 0x5410), __byte_perm(v[2][1], v[3][1], 0x5410)};
+      const uint32_t a[4] = {KeptT::template pair<T>(v[0][0], v[1][0]), KeptT::template pair<T>(v[0][1], v[1][1]),
+                             KeptT::template pair<T>(v[2][0], v[3][0]), KeptT::template pair<T>(v[2][1], v[3][1])};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma16816<T>(o[nt][i], a, pb[nt][0], pb[nt][1]);
     }
@@ -401,30 +495,35 @@ struct Decoder {
 };
 
 // Stage the K and V tiles starting at token `tile` (always 16 whole rows: cap is a multiple of 16).
-template <int D>
+// FP8: also the tile's K scales (lanes 0-1) and V scales (lanes 2-3), 32 bytes each (`ks`, `vs`: the (b, h) rows).
+template <int D, bool F8>
 __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, const char* kv, const char* vv,
-                                           const char* kb, const char* vb, int tile, int lane) {
+                                           const char* kb, const char* vb, const char* ks, const char* vs, int tile,
+                                           int lane) {
   constexpr int kBits = Stage<D>::kBitsBytes;
   const long long bit_off = (long long)tile * (kBits / kTile);
   stage_copy(st, kv + (long long)tile * (stage.k_bytes / kTile), stage.k_bytes, lane);
   stage_copy(st + stage.k_bytes, vv + (long long)tile * (stage.v_bytes / kTile), stage.v_bytes, lane);
   if (lane < kBits / 16) {
-    cp_async16(st + stage.k_bytes + stage.v_bytes + lane * 16, kb + bit_off + lane * 16);
-    cp_async16(st + stage.k_bytes + stage.v_bytes + kBits + lane * 16, vb + bit_off + lane * 16);
+    cp_async16(st + stage.bits_offset() + lane * 16, kb + bit_off + lane * 16);
+    cp_async16(st + stage.bits_offset() + kBits + lane * 16, vb + bit_off + lane * 16);
+  }
+  if (F8 && lane < 4) {
+    const char* src = (lane < 2 ? ks : vs) + (long long)tile * 2 + (lane & 1) * 16;
+    cp_async16(st + stage.scale_offset() + lane * 16, src);
   }
   cp_async_commit();
 }
 
-template <typename T, int D, bool MASKED, int NT>
+template <typename T, int D, bool MASKED, int NT, bool F8>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) char smem[];
-  using Dec = Decoder<T, D, MASKED, NT>;
-  constexpr int kBits = Stage<D>::kBitsBytes;
+  using Dec = Decoder<T, D, MASKED, NT, F8>;
   const int split = blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
   const int warp = threadIdx.x >> 5;
   Dec dec(p, b, h);
-  const Stage<D> stage(p.k_keep, p.v_keep);
+  const Stage<D> stage(p.k_keep, p.v_keep, F8);
   char* my_stages = smem + warp * kStages * stage.size();
 
   if (split < p.n_splits) {
@@ -434,6 +533,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
     const char* vv = reinterpret_cast<const char*>(p.vv + b * p.vv_sb + h * p.vv_sh);
     const char* kb = reinterpret_cast<const char*>(p.kb + b * p.kb_sb + h * p.kb_sh);
     const char* vb = reinterpret_cast<const char*>(p.vb + b * p.vb_sb + h * p.vb_sh);
+    const char* ks = F8 ? reinterpret_cast<const char*>(p.ks + b * p.ks_sb + h * p.ks_sh) : nullptr;
+    const char* vs = F8 ? reinterpret_cast<const char*>(p.vs + b * p.vs_sb + h * p.vs_sh) : nullptr;
     // A pipeline of kStages tiles per warp: kStages - 1 tiles in flight while one is computed. Every step commits
     // one cp.async group (empty past the end), so waiting for kStages - 1 pending groups frees the oldest stage.
     constexpr int kStep = kWarps * kTile;
@@ -441,33 +542,41 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       const int ahead = tile + s * kStep;
-      if (ahead < hi) issue_tile<D>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ahead, dec.lane);
+      if (ahead < hi) issue_tile<D, F8>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane);
       else cp_async_commit();
     }
     for (int it = 0; tile < hi; ++it, tile += kStep) {
       const int ahead = tile + (kStages - 1) * kStep;
       if (ahead < hi) {
-        issue_tile<D>(my_stages + ((it + kStages - 1) % kStages) * stage.size(), stage, kv, vv, kb, vb, ahead,
-                      dec.lane);
+        issue_tile<D, F8>(my_stages + ((it + kStages - 1) % kStages) * stage.size(), stage, kv, vv, kb, vb, ks, vs,
+                          ahead, dec.lane);
       } else {
         cp_async_commit();
       }
       cp_async_wait<kStages - 1>();
       __syncwarp();
       char* st = my_stages + (it % kStages) * stage.size();
-      const uint16_t* kvals = reinterpret_cast<const uint16_t*>(st);
-      const uint16_t* vvals = reinterpret_cast<const uint16_t*>(st + stage.k_bytes);
-      const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + stage.k_bytes + stage.v_bytes);
+      const char* kvals = st;
+      const char* vvals = st + stage.k_bytes;
+      const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + stage.bits_offset());
       const uint32_t* vbits = kbits + kTile * Stage<D>::kWords;
-      uint32_t* prefix = reinterpret_cast<uint32_t*>(st + stage.k_bytes + stage.v_bytes + 2 * kBits);
+      uint32_t* prefix = reinterpret_cast<uint32_t*>(st + stage.prefix_offset());
+      const uint16_t* kscales = reinterpret_cast<const uint16_t*>(st + stage.scale_offset());
       // Lanes 0-15 count the K rows' words, lanes 16-31 the V rows'.
       prefix[dec.lane] = prefix_bytes<Stage<D>::kWords>(kbits + dec.lane * Stage<D>::kWords);
       __syncwarp();
       const int valid = min(kTile, hi - tile);
       float s[NT][4];
       uint32_t pb[NT][2];
-      dec.scores_sparse(s, kvals, kbits, prefix, valid, p.k_keep);
-      dec.softmax(s, tile, valid, pb);
+      dec.scores_sparse(s, kvals, kbits, prefix, valid, p.k_keep, kscales);
+      if (F8) {  // V scales of tokens g and g + 8; 0 past the count (rows there are not data: no NaN from them)
+        const uint16_t* vscales = kscales + kTile;
+        const float vscale[2] = {dec.g < valid ? to_float<T>(vscales[dec.g]) : 0.f,
+                                 dec.g + 8 < valid ? to_float<T>(vscales[dec.g + 8]) : 0.f};
+        dec.template softmax<true>(s, tile, valid, pb, vscale);
+      } else {
+        dec.softmax(s, tile, valid, pb);
+      }
       dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, p.v_keep);
       __syncwarp();
     }
@@ -579,28 +688,40 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
   dst[3] = from_float<T>(acc.o.w * inv);
 }
 
-template <typename T, int D, bool MASKED, int NT>
-cudaError_t launch_variant(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
-  const Stage<D> stage(p.k_keep, p.v_keep);
+// Dynamic shared memory of a decode CTA: the warps' stages, or the merge buffers if larger.
+template <int D>
+int decode_smem(int k_keep, int v_keep, bool fp8) {
+  const Stage<D> stage(k_keep, v_keep, fp8);
   const int stage_smem = kWarps * kStages * stage.size();
   const int merge_smem = kWarps * kRows * (D + 2) * 4;
-  const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;
-  auto kernel = sparse_decode_kernel<T, D, MASKED, NT>;
+  return stage_smem > merge_smem ? stage_smem : merge_smem;
+}
+
+template <typename T, int D, bool MASKED, int NT, bool F8>
+cudaError_t launch_variant(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
+  const int smem = decode_smem<D>(p.k_keep, p.v_keep, F8);
+  auto kernel = sparse_decode_kernel<T, D, MASKED, NT, F8>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(parts, batch_heads), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
-cudaError_t launch_decode(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
+template <typename T, int D, bool F8>
+cudaError_t launch_kept(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
   const bool rows8 = p.group * p.q_len <= 8;
   if (p.mask) {
-    return rows8 ? launch_variant<T, D, true, 1>(p, parts, batch_heads, stream)
-                 : launch_variant<T, D, true, 2>(p, parts, batch_heads, stream);
+    return rows8 ? launch_variant<T, D, true, 1, F8>(p, parts, batch_heads, stream)
+                 : launch_variant<T, D, true, 2, F8>(p, parts, batch_heads, stream);
   }
-  return rows8 ? launch_variant<T, D, false, 1>(p, parts, batch_heads, stream)
-               : launch_variant<T, D, false, 2>(p, parts, batch_heads, stream);
+  return rows8 ? launch_variant<T, D, false, 1, F8>(p, parts, batch_heads, stream)
+               : launch_variant<T, D, false, 2, F8>(p, parts, batch_heads, stream);
+}
+
+template <typename T, int D>
+cudaError_t launch_decode(const DecodeParams& p, int parts, int batch_heads, cudaStream_t stream) {
+  return p.fp8 ? launch_kept<T, D, true>(p, parts, batch_heads, stream)
+               : launch_kept<T, D, false>(p, parts, batch_heads, stream);
 }
 
 }  // namespace
@@ -622,24 +743,21 @@ extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int
 
 // CTAs of the decode kernel that fit on one multiprocessor at once (for the split heuristic), or -1.
 extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep,
-                                         int v_keep) {
+                                         int v_keep, int fp8) {
   int blocks = -1;
   const int nt = rows <= 8 ? 1 : 2;
-  auto query = [&](auto kernel, int d) {
-    const Stage<128> s128(k_keep, v_keep);
-    const Stage<64> s64(k_keep, v_keep);
-    const int stage_smem = kWarps * kStages * (d == 128 ? s128.size() : s64.size());
-    const int merge_smem = kWarps * kRows * (d + 2) * 4;
-    const int smem = stage_smem > merge_smem ? stage_smem : merge_smem;
+  auto query = [&](auto kernel, int smem) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem);
   };
-#define MUSTAFAR_OCC(TT, DD)                                                                   \
-  if (masked) {                                                                                \
-    nt == 1 ? query(sparse_decode_kernel<TT, DD, true, 1>, DD) : query(sparse_decode_kernel<TT, DD, true, 2>, DD); \
-  } else {                                                                                     \
-    nt == 1 ? query(sparse_decode_kernel<TT, DD, false, 1>, DD)                                \
-            : query(sparse_decode_kernel<TT, DD, false, 2>, DD);                               \
+#define MUSTAFAR_OCC_NT(TT, DD, MM, FF)                                                          \
+  nt == 1 ? query(sparse_decode_kernel<TT, DD, MM, 1, FF>, decode_smem<DD>(k_keep, v_keep, FF)) \
+          : query(sparse_decode_kernel<TT, DD, MM, 2, FF>, decode_smem<DD>(k_keep, v_keep, FF))
+#define MUSTAFAR_OCC(TT, DD)                                                                     \
+  if (fp8) {                                                                                     \
+    if (masked) { MUSTAFAR_OCC_NT(TT, DD, true, true); } else { MUSTAFAR_OCC_NT(TT, DD, false, true); }  \
+  } else {                                                                                       \
+    if (masked) { MUSTAFAR_OCC_NT(TT, DD, true, false); } else { MUSTAFAR_OCC_NT(TT, DD, false, false); } \
   }
   if (head_dim == 128) {
     if (dtype_bf16) { MUSTAFAR_OCC(__nv_bfloat16, 128) } else { MUSTAFAR_OCC(__half, 128) }
@@ -647,6 +765,7 @@ extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows,
     if (dtype_bf16) { MUSTAFAR_OCC(__nv_bfloat16, 64) } else { MUSTAFAR_OCC(__half, 64) }
   }
 #undef MUSTAFAR_OCC
+#undef MUSTAFAR_OCC_NT
   return blocks;
 }
 

@@ -30,6 +30,13 @@ struct DecodeParams {
   // (the window is a ring buffer of `window` slots).
   const long long* length;
   int window;
+  // FP8 kept values (issue 15): when fp8 is set, kv / vv hold e4m3 bytes (k_keep / v_keep per row) and ks / vs the
+  // per-token scales [B, Hkv, cap] in the cache dtype (tokens contiguous); otherwise unused.
+  int fp8;
+  const uint16_t* ks;
+  long long ks_sb, ks_sh;
+  const uint16_t* vs;
+  long long vs_sb, vs_sh;
 };
 
 // Prune + compress of rows x [B, Hkv, tokens, D] (last dim contiguous, rows 16-byte aligned) into values
@@ -59,7 +66,7 @@ extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16,
 extern "C" int mustafar_decode_launch(const DecodeParams* p, int dtype_bf16, int head_dim, int parts, int batch_heads,
                                       void* stream);
 extern "C" int mustafar_decode_occupancy(int dtype_bf16, int head_dim, int rows, int masked, int k_keep,
-                                         int v_keep);
+                                         int v_keep, int fp8);
 extern "C" int mustafar_merge_launch(const float* part_o, const float* part_m, const float* part_l, void* out,
                                      int dtype_bf16, long long o_sb, long long o_sh, long long o_sl, int kv_heads,
                                      int group, int q_len, int parts, int head_dim, int batch_heads, void* stream);

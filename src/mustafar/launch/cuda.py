@@ -3,7 +3,10 @@
 The extension is built with ``torch.utils.cpp_extension.load`` (nvcc and ninja
 needed; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). It serves fp16/bf16
 caches with head_dim 64 or 128 and up to 16 query rows per KV head
-(``group * q_len``); :func:`cuda_supported` says whether a call qualifies, and
+(``group * q_len``), kept values in the cache dtype or, on compute capability
+>= 8.9, FP8 e4m3 with per-token scales (issue 15: the K scale multiplies the
+scores, the V scale the softmax weights, so the expansion only converts
+e4m3 to fp16/bf16); :func:`cuda_supported` says whether a call qualifies, and
 the ops layer falls back to Triton otherwise.
 """
 
@@ -56,6 +59,23 @@ def _rows_ok(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and x.stride(2) == x.shape[-1] and x.data_ptr() % 16 == 0
 
 
+#: Compute capability the FP8 decode needs (the e4m3x2 -> f16x2 conversion instruction).
+FP8_CAPABILITY = (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_available() -> bool:
+    """Whether the CUDA decode kernel can read FP8 kept values here (compute capability >= 8.9)."""
+    return cuda_available() and torch.cuda.get_device_capability() >= FP8_CAPABILITY
+
+
+def _scales_ok(scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Scales ``[b, h, capacity]`` the kernel stages 16 at a time: query dtype, tokens contiguous, 16-byte rows."""
+    size = scales.element_size()
+    return (scales.dtype == dtype and scales.stride(2) == 1 and scales.data_ptr() % 16 == 0
+            and (scales.stride(1) * size) % 16 == 0 and (scales.stride(0) * size) % 16 == 0)
+
+
 def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window, attention_mask) -> bool:
     """Whether the CUDA kernel can serve this call (else the caller uses Triton)."""
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in HEAD_DIMS):
@@ -67,17 +87,21 @@ def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window
         return False
     if key_window is not None and key_window.stride(-1) != 1:
         return False
+    if key_cache.is_fp8 != value_cache.is_fp8 or (key_cache.is_fp8 and not fp8_available()):
+        return False
     for store in (key_cache, value_cache):  # the whole buffers: same pointer and strides as the views of the tokens
         values, bitmaps = store.storage
         if store.capacity % TILE_TOKENS or not (_rows_ok(values) and _rows_ok(bitmaps)):
+            return False
+        if store.is_fp8 and not _scales_ok(store.scale_storage, query.dtype):
             return False
     return True
 
 
 @functools.lru_cache(maxsize=None)
-def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int, v_keep: int) -> int:
+def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int, v_keep: int, fp8: bool = False) -> int:
     """Decode CTAs that fit on one multiprocessor at once (CUDA occupancy API); K and V keep k_keep / v_keep."""
-    return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep, v_keep))
+    return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep, v_keep, fp8))
 
 
 
@@ -106,7 +130,7 @@ def decode_attention_cuda(
     if num_splits is None:
         rows = hq // hkv * lq
         per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep,
-                             value_cache.k_keep)
+                             value_cache.k_keep, key_cache.is_fp8)
         splits = choose_splits(b * hkv, n_comp, query.device, per_sm, CTA_TOKENS, whole_wave=True)
     else:
         splits = min(num_splits, n_comp)
@@ -129,11 +153,15 @@ def decode_attention_cuda(
             mask = mask.contiguous()
     # the whole buffers: the kernel reads n_comp rows (or the device-side length), with the views' strides
     (kv, kb), (vv, vb) = key_cache.storage, value_cache.storage
+    ks = vs = empty
+    if key_cache.is_fp8:  # e4m3 bits and the per-token scales
+        kv, vv = kv.view(torch.uint8), vv.view(torch.uint8)
+        ks, vs = key_cache.scale_storage, value_cache.scale_storage
     ext.decode(
         query, kv, kb.view(torch.int32), vv, vb.view(torch.int32), key_window if has_window else empty,
         value_window if has_window else empty, mask, part_o, part_m, part_l, out,
         n_comp, per_split, splits, scale * LOG2E, empty if length is None else length,
-        key_window.shape[2] if has_window else 0,
+        key_window.shape[2] if has_window else 0, ks, vs,
     )
     return out
 
@@ -187,4 +215,4 @@ def compress_cuda(
 
 
 __all__ = ["compress_cuda", "compress_supported", "cuda_available", "cuda_supported", "decode_attention_cuda",
-           "load_extension"]
+           "fp8_available", "load_extension"]
