@@ -8,7 +8,7 @@ Entries, in the priority order of ``backend="auto"`` (:data:`TABLE`):
 1. ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (launcher :mod:`mustafar.launch.cuda`, compiled at
    first use): CUDA tensors on compute capability >= 8.0, fp16/bf16, head_dim 64 or 128, at most 16
    query rows per KV head and a bool or no mask. Serves all four operations; FP8 kept values for
-   the decode operations on compute capability >= 8.9.
+   the decode operations on compute capability >= 8.9, for the compression ones on any.
 2. ``"triton"``: the ``@triton.jit`` kernels of :mod:`mustafar.kernels` (launchers in
    :mod:`mustafar.launch`): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when asked for
    explicitly (``"auto"`` never picks the interpreter). Decode and compress only: it has no static form,
@@ -16,8 +16,8 @@ Entries, in the priority order of ``backend="auto"`` (:data:`TABLE`):
 3. ``"torch"``: the PyTorch references of :mod:`mustafar.reference`, any device, any input.
 
 FP8 kept values (``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`): the CUDA entry decodes them
-(``decode`` and ``static_decode``, compute capability >= 8.9); compression into an FP8 store is Triton's (or
-the reference's for the static ops): the CUDA entry reports it does not write them.
+(``decode`` and ``static_decode``, compute capability >= 8.9) and compresses into FP8 stores (``compress``
+and ``static_evict``, bit-identical to the reference); Triton and the reference read and write them too.
 
 Operations (:data:`OPS`) and the inputs their ``supports_<op>`` methods read (keywords of :func:`pick`):
 
@@ -45,7 +45,7 @@ import torch
 
 from .errors import UnsupportedHardwareError
 from .format import BitmapKV, expand_store
-from .fp8 import is_fp8, quantize_kept
+from .fp8 import quantize_kept
 from .reference import compress_reference, decode_attention_reference
 
 __all__ = ["BACKENDS", "OPS", "TABLE", "UnsupportedHardwareError", "available_backends", "pick", "resolve_backend",
@@ -169,7 +169,6 @@ class CudaBackend:
                      "16 query rows per KV head (q_heads // kv_heads * q_len), rows contiguous in storage whose "
                      "capacity is a multiple of 16 tokens, and a bool or no mask")
     _NEEDS_COMPRESS = "fp16/bf16 rows of head_dim 64 or 128 on a CUDA device of compute capability >= 8.0"
-    _NO_FP8 = "it does not write FP8 kept values (kept_dtype=torch.float8_e4m3fn); 'auto' uses Triton for them"
     _NO_FP8_DECODE = ("it reads FP8 kept values (kept_dtype=torch.float8_e4m3fn) on compute capability >= 8.9 only; "
                       "'auto' uses Triton for them")
 
@@ -197,8 +196,6 @@ class CudaBackend:
         return self.supports_decode(query, key_cache, value_cache, key_window)
 
     def supports_compress(self, x, values, bitmaps, **_) -> str | None:
-        if is_fp8(values.dtype):
-            return self._NO_FP8
         if not x.is_cuda:
             return f"it runs on CUDA tensors, got device {x.device}"
         from .launch.cuda import compress_supported
@@ -217,7 +214,7 @@ class CudaBackend:
     def compress(self, x, sparsity, values, bitmaps, scales=None) -> None:
         from .launch.cuda import compress_cuda
 
-        compress_cuda(x, values, bitmaps)
+        compress_cuda(x, values, bitmaps, scales=scales)
 
     def static_decode(self, query, key_store, value_store, key_ring, value_ring, scale, length) -> torch.Tensor:
         from .launch.cuda import decode_attention_cuda
@@ -228,7 +225,7 @@ class CudaBackend:
         from .launch.cuda import compress_cuda
 
         values, bitmaps = store.storage
-        compress_cuda(ring, values, bitmaps, position=length)
+        compress_cuda(ring, values, bitmaps, position=length, scales=store.scale_storage)
 
 
 #: The entries in ``"auto"``'s priority order: the first that supports the inputs serves them.

@@ -79,15 +79,23 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor
 }
 
 // x [B, Hkv, n, D] (last dim contiguous, rows 16-byte aligned); values [B, Hkv, n, k_keep] and bitmaps as int32
-// [B, Hkv, n, D/32], both with contiguous rows (views into a store at a token offset).
+// [B, Hkv, n, D/32], both with contiguous rows (views into a store at a token offset). FP8 kept values: values a
+// uint8 view of the e4m3 store and scales [B, Hkv, n] in x's dtype (tokens contiguous); otherwise scales is empty.
 void compress(const torch::Tensor& x, torch::Tensor& values, torch::Tensor& bitmaps, const torch::Tensor& position,
-              int64_t window) {
+              int64_t window, torch::Tensor& scales) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   CompressParams p{};
   p.x = half_ptr(x), p.x_sb = x.stride(0), p.x_sh = x.stride(1), p.x_st = x.stride(2);
   p.vals = reinterpret_cast<uint16_t*>(values.data_ptr()), p.v_sb = values.stride(0), p.v_sh = values.stride(1);
   p.bits = reinterpret_cast<uint32_t*>(bitmaps.data_ptr()), p.b_sb = bitmaps.stride(0), p.b_sh = bitmaps.stride(1);
   p.batch = x.size(0), p.kv_heads = x.size(1), p.tokens = x.size(2), p.k_keep = values.size(3);
+  if (values.scalar_type() == torch::kByte) {  // e4m3 bits
+    TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.dim() == 3 && scales.size(2) == values.size(2) &&
+                    scales.stride(2) == 1,
+                "FP8 compress needs scales [B, Hkv, tokens] of x's dtype with contiguous tokens");
+    p.fp8 = 1;
+    p.scales = reinterpret_cast<uint16_t*>(scales.data_ptr()), p.s_sb = scales.stride(0), p.s_sh = scales.stride(1);
+  }
   if (position.numel() > 0) {
     TORCH_CHECK(position.scalar_type() == torch::kLong && position.is_cuda(), "position must be a CUDA int64 tensor");
     p.position = reinterpret_cast<const long long*>(position.data_ptr<int64_t>());

@@ -6,11 +6,22 @@
 // bisection over its 15-bit pattern, counting with packed half2 comparisons (one compare and one add per pair
 // of channels per bit); then the kept entries are written in channel order with the bitmap. Rows are staged
 // through shared memory so that global reads and writes are coalesced.
+//
+// FP8 kept values (issue 15, the rule of mustafar/fp8.py, bit-identical to compress_reference followed by
+// quantize_kept, NaN entries included): the same selection, with NaN entries counted as larger than every number
+// (torch.sort's order: all NaNs are kept, the lower channels first if there are more than k_keep); each kept value
+// is written as e4m3 bits over one scale per row, in the cache dtype: NaN if the row holds a non-finite entry (one
+// is then kept), 0 if it is all zero, else max(round(float32(amax) / 448), smallest normal); the values are
+// e4m3(clamp(float32(x) / scale, -448, 448)) rounded to nearest even (x / 1 for a zero scale), 0x7F (torch's NaN)
+// throughout a row of NaN scale.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -58,6 +69,48 @@ struct Packed<__nv_bfloat16> {
   }
 };
 
+// The FP8 scale rule's constants in the cache dtype T (15-bit magnitude patterns of +inf and of the smallest
+// normal, the NaN that torch writes) and its conversions.
+template <typename T>
+struct Fp8Rule;
+
+template <>
+struct Fp8Rule<__half> {
+  static constexpr uint32_t kInf = 0x7c00u, kTiny = 0x0400u, kNan = 0x7e00u;
+  __device__ static float to_float(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+  __device__ static uint32_t round(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+template <>
+struct Fp8Rule<__nv_bfloat16> {
+  static constexpr uint32_t kInf = 0x7f80u, kTiny = 0x0080u, kNan = 0x7fc0u;
+  __device__ static float to_float(uint32_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
+  }
+  __device__ static uint32_t round(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
+
+constexpr float kE4m3Max = 448.0f;  // e4m3's largest finite value: a row's largest kept |x| maps to it
+constexpr uint8_t kE4m3Nan = 0x7f;  // torch's float8_e4m3fn NaN
+
+// Scale bits of a row whose largest 15-bit magnitude pattern is amax (NaN patterns above +inf's).
+template <typename T>
+__device__ __forceinline__ uint32_t fp8_scale(uint32_t amax) {
+  if (amax >= Fp8Rule<T>::kInf) return Fp8Rule<T>::kNan;
+  if (amax == 0u) return 0u;
+  return max(Fp8Rule<T>::round(__fdiv_rn(Fp8Rule<T>::to_float(amax), kE4m3Max)), Fp8Rule<T>::kTiny);
+}
+
+// e4m3 bits of one kept value x (T bits) over its row's divisor (the scale, or 1 for a zero scale).
+template <typename T>
+__device__ __forceinline__ uint8_t fp8_quantize(uint32_t x, float divisor, bool nan_row) {
+  if (nan_row) return kE4m3Nan;  // x / NaN: NaN, torch's 0x7F (the conversion below never sees a NaN)
+  const float y = fminf(fmaxf(__fdiv_rn(Fp8Rule<T>::to_float(x), divisor), -kE4m3Max), kE4m3Max);
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3));
+}
+
 // Count of channels with |x| >= c (GE) or > c (!GE), c a 15-bit magnitude pattern (|.| folds into HSET2).
 template <typename T, int PAIRS, bool GE>
 __device__ __forceinline__ int count_magnitudes(const uint32_t (&raw)[PAIRS], uint32_t c) {
@@ -70,8 +123,9 @@ __device__ __forceinline__ int count_magnitudes(const uint32_t (&raw)[PAIRS], ui
                           Packed<T>::count(acc[3]));
 }
 
-template <typename T, int D>
+template <typename T, int D, bool FP8>
 __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_constant__ CompressParams p) {
+  using Val = std::conditional_t<FP8, uint8_t, uint16_t>;  // a kept value: T bits, or e4m3 bits
   constexpr int kPairs = D / 2, kChunks = D / 8, kWords = D / 32;
   constexpr int kRowBytes = D * 2 + kPad;
   extern __shared__ __align__(16) char smem[];
@@ -94,8 +148,9 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
   __syncthreads();
   const int r = threadIdx.x, k_keep = p.k_keep;
   const char* row = smem + r * kRowBytes;
-  uint16_t* out_vals = reinterpret_cast<uint16_t*>(smem + kRowsPerCta * kRowBytes);
-  uint32_t* out_bits = reinterpret_cast<uint32_t*>(smem + kRowsPerCta * kRowBytes + kRowsPerCta * k_keep * 2 + 16);
+  Val* out_vals = reinterpret_cast<Val*>(smem + kRowsPerCta * kRowBytes);
+  uint32_t* out_bits =
+      reinterpret_cast<uint32_t*>(smem + kRowsPerCta * kRowBytes + kRowsPerCta * k_keep * sizeof(Val) + 16);
   if (r < rows) {
     uint32_t raw[kPairs];
 #pragma unroll
@@ -103,15 +158,35 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
       const uint4 v = *reinterpret_cast<const uint4*>(row + i * 16);
       raw[4 * i] = v.x, raw[4 * i + 1] = v.y, raw[4 * i + 2] = v.z, raw[4 * i + 3] = v.w;
     }
+    // FP8: the row's largest magnitude pattern and its NaN count; the NaNs are kept first (the counts below,
+    // half comparisons, never count them), the other entries fill the k_sel remaining places.
+    uint32_t amax = 0u;
+    int n_nan = 0;
+    if constexpr (FP8) {
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const uint32_t lo = raw[i] & 0x7fffu, hi = (raw[i] >> 16) & 0x7fffu;
+        amax = max(amax, max(lo, hi));
+        n_nan += (lo > Fp8Rule<T>::kInf) + (hi > Fp8Rule<T>::kInf);
+      }
+    }
+    const int k_sel = FP8 ? max(k_keep - n_nan, 0) : k_keep;
     uint32_t threshold = 0;
 #pragma unroll 1
     for (int bit = 14; bit >= 0; --bit) {
       const uint32_t candidate = threshold | (1u << bit);
-      if (count_magnitudes<T, kPairs, true>(raw, candidate) >= k_keep) threshold = candidate;
+      if (count_magnitudes<T, kPairs, true>(raw, candidate) >= k_sel) threshold = candidate;
     }
     // Ties at the threshold beyond what fits go to the higher channels: keep the first `room` of them.
-    int room = k_keep - count_magnitudes<T, kPairs, false>(raw, threshold);
-    uint16_t* dst = out_vals + r * k_keep;
+    int room = k_sel - count_magnitudes<T, kPairs, false>(raw, threshold);
+    int nan_room = k_keep;  // FP8: the NaNs kept, lower channels first
+    float divisor = 1.0f;
+    if constexpr (FP8) {
+      const uint32_t scale = fp8_scale<T>(amax);
+      p.scales[b * p.s_sb + h * p.s_sh + out_row + r] = static_cast<uint16_t>(scale);
+      if (scale != 0u) divisor = Fp8Rule<T>::to_float(scale);
+    }
+    Val* dst = out_vals + r * k_keep;
     uint32_t words[kWords];
 #pragma unroll
     for (int w = 0; w < kWords; ++w) words[w] = 0u;
@@ -124,13 +199,22 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
         const int d = 8 * i + j;
         const uint32_t bits = v[j >> 1] >> (16 * (j & 1));
         const uint32_t m = bits & 0x7fffu;
-        bool keep = m > threshold;
-        if (m == threshold && room > 0) {
-          keep = true;
-          --room;
+        bool keep;
+        if (FP8 && m > Fp8Rule<T>::kInf) {
+          keep = nan_room > 0;
+          nan_room -= keep;
+        } else {
+          keep = m > threshold;
+          if (m == threshold && room > 0) {
+            keep = true;
+            --room;
+          }
         }
         if (keep) {
-          *dst++ = static_cast<uint16_t>(bits);
+          if constexpr (FP8)
+            *dst++ = fp8_quantize<T>(bits & 0xffffu, divisor, amax >= Fp8Rule<T>::kInf);
+          else
+            *dst++ = static_cast<uint16_t>(bits);
           words[d >> 5] |= 1u << (d & 31);
         }
       }
@@ -139,16 +223,18 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
     for (int w = 0; w < kWords; ++w) out_bits[r * kWords + w] = words[w];
   }
   __syncthreads();
-  uint16_t* vals = p.vals + b * p.v_sb + h * p.v_sh + out_row * k_keep;
+  Val* vals = reinterpret_cast<Val*>(p.vals) + b * p.v_sb + h * p.v_sh + out_row * k_keep;
   for (int i = threadIdx.x; i < rows * k_keep; i += kRowsPerCta) vals[i] = out_vals[i];
   uint32_t* bits = p.bits + b * p.b_sb + h * p.b_sh + out_row * kWords;
   for (int i = threadIdx.x; i < rows * kWords; i += kRowsPerCta) bits[i] = out_bits[i];
 }
 
-template <typename T, int D>
+template <typename T, int D, bool FP8>
 cudaError_t launch_compress(const CompressParams& p, cudaStream_t stream) {
-  const int smem = kRowsPerCta * (D * 2 + kPad) + kRowsPerCta * p.k_keep * 2 + 16 + kRowsPerCta * (D / 32) * 4;
-  auto kernel = compress_kernel<T, D>;
+  const int val_bytes = FP8 ? 1 : 2;
+  const int smem =
+      kRowsPerCta * (D * 2 + kPad) + kRowsPerCta * p.k_keep * val_bytes + 16 + kRowsPerCta * (D / 32) * 4;
+  auto kernel = compress_kernel<T, D, FP8>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.tokens + kRowsPerCta - 1) / kRowsPerCta, p.batch * p.kv_heads);
@@ -162,10 +248,16 @@ extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16,
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p->tokens == 0) return 0;
   cudaError_t err = cudaErrorInvalidValue;
-  if (head_dim == 128) {
-    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 128>(*p, s) : launch_compress<__half, 128>(*p, s);
+  if (p->fp8) {
+    if (head_dim == 128) {
+      err = dtype_bf16 ? launch_compress<__nv_bfloat16, 128, true>(*p, s) : launch_compress<__half, 128, true>(*p, s);
+    } else if (head_dim == 64) {
+      err = dtype_bf16 ? launch_compress<__nv_bfloat16, 64, true>(*p, s) : launch_compress<__half, 64, true>(*p, s);
+    }
+  } else if (head_dim == 128) {
+    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 128, false>(*p, s) : launch_compress<__half, 128, false>(*p, s);
   } else if (head_dim == 64) {
-    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 64>(*p, s) : launch_compress<__half, 64>(*p, s);
+    err = dtype_bf16 ? launch_compress<__nv_bfloat16, 64, false>(*p, s) : launch_compress<__half, 64, false>(*p, s);
   }
   return static_cast<int>(err);
 }

@@ -53,6 +53,12 @@ struct CompressParams {
   // (*position - window) of the outputs, or nothing while *position < window or past `capacity` rows.
   const long long* position;
   int window, capacity;
+  // FP8 kept values (issue 15): when fp8 is set, vals receives e4m3 bytes (k_keep per row, element strides in bytes)
+  // and scales the per-token scales [B, Hkv, tokens] in the cache dtype (tokens contiguous; row out_row in the
+  // static form), the rule of mustafar.fp8; otherwise scales is unused.
+  int fp8;
+  uint16_t* scales;
+  long long s_sb, s_sh;
 };
 
 extern "C" int mustafar_compress_launch(const CompressParams* p, int dtype_bf16, int head_dim, void* stream);

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..format import BitmapKV
+from ..fp8 import is_fp8
 from .common import LOG2E, cdiv, choose_splits
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -166,26 +167,51 @@ def decode_attention_cuda(
 
 
 def compress_supported(x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor) -> bool:
-    """Whether the CUDA compress kernel can serve ``x`` (else the caller uses Triton)."""
+    """Whether the CUDA compress kernel can serve ``x`` (else the caller uses Triton).
+
+    ``values`` in ``x``'s dtype, or ``float8_e4m3fn`` (FP8 kept values, issue 15: the scales ``[b, h, n]`` must
+    then have contiguous tokens, as :func:`mustafar.ops.compress_into` checks).
+    """
     if not (cuda_available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         return False
     if x.shape[-1] not in HEAD_DIMS or x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(2) * 2) % 16:
+        return False
+    if values.dtype != x.dtype and not is_fp8(values.dtype):
         return False
     return values.stride(-1) == 1 and values.stride(2) == values.shape[-1] and bitmaps.stride(2) == bitmaps.shape[-1]
 
 
 def compress_cuda(
-    x: torch.Tensor, values: torch.Tensor, bitmaps: torch.Tensor, position: torch.Tensor | None = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bitmaps: torch.Tensor,
+    position: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Run the CUDA prune + compress kernel (``k_keep`` from ``values``' last dim) into the given views.
 
     With ``position`` (a CUDA int64 scalar), ``x`` is a ring buffer of ``w`` slots and only the token in slot
     ``position % w`` is compressed, into row ``position - w`` of ``values``/``bitmaps`` (nothing while
     ``position < w``): the static decode step's eviction, decided on the device.
+
+    With ``scales`` (``[b, h, n]`` of ``x``'s dtype, tokens contiguous; row ``position - w`` in the static form),
+    ``values`` is ``float8_e4m3fn``: the kept values are written as e4m3 with one scale per token and head, the
+    rule of :mod:`mustafar.fp8` (bit-identical to the reference).
+
+    Raises:
+        ValueError: ``scales`` given with ``values`` that are not ``float8_e4m3fn``, or the reverse, or
+            ``scales`` whose tokens are not contiguous.
     """
+    if (scales is not None) != is_fp8(values.dtype):
+        raise ValueError(f"scales must be given exactly with float8_e4m3fn values, got values of {values.dtype} "
+                         f"and scales {None if scales is None else tuple(scales.shape)}")
+    if scales is not None and scales.stride(-1) != 1:
+        raise ValueError(f"scales must have contiguous tokens (last stride 1), got strides {scales.stride()}")
     empty = x.new_empty(0, dtype=torch.int64)
+    if scales is not None:
+        values = values.view(torch.uint8)
     load_extension().compress(x, values, bitmaps.view(torch.int32), empty if position is None else position,
-                              x.shape[2] if position is not None else 0)
+                              x.shape[2] if position is not None else 0, x.new_empty(0) if scales is None else scales)
 
 
 __all__ = ["compress_cuda", "compress_supported", "cuda_available", "cuda_supported", "decode_attention_cuda",
