@@ -101,6 +101,24 @@ def test_compress_bit_exact(backend, dtype, head_dim, sparsity):
     assert (store._values[:, :, :5] == 7.0).all() and (store._values[:, :, 338:] == 7.0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_compress_rows_with_nan_keep_k_keep_entries_like_the_reference(dtype, head_dim):
+    """NaN entries rank above every magnitude (the reference's sort), lower channels first; never more than k_keep
+    kept (an earlier kernel kept every NaN on top of k_keep entries and overran the row)."""
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    x = torch.randn(2, 2, 150, head_dim, generator=gen, device="cuda", dtype=dtype)
+    x[0, 0, 3, [5, 9, 30]] = float("nan")
+    x[0, 1, 4, : head_dim - 3] = float("nan")  # more NaNs than k_keep
+    x[1, 0, 5, [1, 2]] = float("inf")
+    x[1, 1, 6] = float("nan")
+    store = BitmapKV.empty(2, 2, head_dim, 0.7, dtype, "cuda", capacity=160)
+    compress_into(x, 0.7, store._values, store._bitmaps, 0, backend="cuda")
+    ref_values, ref_bitmaps = compress_reference(x, 0.7)
+    assert torch.equal(store._bitmaps[:, :, :150], ref_bitmaps)
+    assert torch.equal(store._values[:, :, :150].view(torch.int16), ref_values.view(torch.int16))
+
+
 @pytest.mark.parametrize("length", [5, 32, 33, 700])
 def test_static_ops_cuda_match_torch(length):
     """The graph-capturable ops read the token count on the device; CUDA equals the reference."""

@@ -7,9 +7,9 @@ compiled at first use; fp16/bf16, head_dim 64 or 128, up to 16 query rows per KV
 the first of CUDA, Triton, reference that serves the inputs (Triton and CUDA only for CUDA tensors);
 :func:`mustafar.resolve_backend` names it.
 
-FP8 kept values (stores with ``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`) are served by Triton
-and the reference; the CUDA entry of the table reports that it does not read them, so ``"auto"`` sends them
-to Triton on a GPU and ``"cuda"`` raises :class:`UnsupportedHardwareError`.
+FP8 kept values (stores with ``kept_dtype=torch.float8_e4m3fn``, :mod:`mustafar.fp8`) are served by every
+backend: the CUDA kernels compress into them and decode them (decode on compute capability >= 8.9; below
+it ``"auto"`` decodes them with Triton and ``"cuda"`` raises :class:`UnsupportedHardwareError`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def compress_into(
 
     Raises:
         TypeError / ValueError: any of the above not met.
-        UnsupportedHardwareError: ``backend="cuda"`` with FP8 kept values.
+        UnsupportedHardwareError: ``backend="cuda"`` for inputs the CUDA kernel cannot serve.
     """
     _check_compress_inputs(x, sparsity, values, bitmaps, offset, scales)
     n = x.shape[2]

@@ -80,7 +80,8 @@ class MustafarCache(Cache):
         kept_dtype: ``None`` (the cache dtype, default) or ``torch.float8_e4m3fn``: the store keeps its
             values in e4m3 with one scale per token and head (``max kept |x| / 448``, rule:
             :mod:`mustafar.fp8`), about a fifth of fp16 dense at K0.7V0.7; the bitmaps are unchanged and
-            the window stays dense. The CUDA kernels do not read FP8: ``"auto"`` uses Triton on a GPU.
+            the window stays dense. The CUDA kernels compress and decode FP8 stores (decode on compute
+            capability >= 8.9; below it ``"auto"`` decodes with Triton).
 
     Storage lives on the device and in the dtype of each layer's keys. Sizes in
     bytes: :attr:`nbytes` (held), :attr:`dense_nbytes`, :attr:`allocated_nbytes`.
@@ -109,9 +110,6 @@ class MustafarCache(Cache):
         if isinstance(key_sparsity, SparsityConfig):
             raise TypeError("key_sparsity must be a float; for a SparsityConfig use MustafarCache.from_config(config)")
         self.kept_dtype = check_kept_dtype(kept_dtype)
-        if self.kept_dtype is not None and is_fp8(self.kept_dtype) and backend == "cuda":
-            raise ops.UnsupportedHardwareError("backend='cuda' does not read FP8 kept values (kept_dtype="
-                                               "torch.float8_e4m3fn); use 'auto' or 'triton'")
         self.config = SparsityConfig(key_sparsity, value_sparsity, window, chunk,
                                      kept_dtype=FP8_KEPT if is_fp8(self.kept_dtype) else None)
         self.backend = check_backend(backend)

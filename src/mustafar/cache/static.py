@@ -273,8 +273,8 @@ class StaticMustafarCache(FixedLengthCache, Cache):
             The storage always sits on each layer's own key device.
         backend: ``"auto"``, ``"cuda"`` or ``"torch"`` (``"triton"`` uses the reference).
         kept_dtype: ``None`` (the cache dtype, default) or ``torch.float8_e4m3fn``: kept values in e4m3 with
-            one scale per token and head (``max kept |x| / 448``, :mod:`mustafar.fp8`); ``"cuda"`` then raises
-            and ``"auto"`` decodes with the reference (the CUDA kernels do not read FP8).
+            one scale per token and head (``max kept |x| / 448``, :mod:`mustafar.fp8`); the CUDA kernels
+            compress and decode them (decode on compute capability >= 8.9, else ``"auto"`` uses the reference).
 
     Raises:
         ValueError / TypeError: bad sizes, sparsities, dtype or backend; at the prefill, keys that

@@ -1,5 +1,6 @@
 // Prune + compress kernel for fp16/bf16 rows, CUDA C++ (sm_80+). Bit-identical to
-// mustafar.reference.compress_reference for finite and infinite inputs (NaN entries: unspecified choice).
+// mustafar.reference.compress_reference, NaN entries included (they rank above every magnitude, lower channels
+// first, as the reference's sort orders them; a row never keeps more than k_keep).
 //
 // Rule (Mustafar, arXiv 2505.22913): keep the k_keep entries of largest |x| per row, ties to the lower channel.
 // One thread per row: the row sits in registers as packed pairs; the k_keep-th largest magnitude is found by
@@ -158,19 +159,18 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
       const uint4 v = *reinterpret_cast<const uint4*>(row + i * 16);
       raw[4 * i] = v.x, raw[4 * i + 1] = v.y, raw[4 * i + 2] = v.z, raw[4 * i + 3] = v.w;
     }
-    // FP8: the row's largest magnitude pattern and its NaN count; the NaNs are kept first (the counts below,
-    // half comparisons, never count them), the other entries fill the k_sel remaining places.
+    // The row's largest magnitude pattern (FP8's scale) and its NaN count; the NaNs are kept first, lower
+    // channels first (the reference's sort ranks them above every magnitude; the counts below, half comparisons,
+    // never count them), the other entries fill the k_sel remaining places: never more than k_keep in a row.
     uint32_t amax = 0u;
     int n_nan = 0;
-    if constexpr (FP8) {
 #pragma unroll
-      for (int i = 0; i < kPairs; ++i) {
-        const uint32_t lo = raw[i] & 0x7fffu, hi = (raw[i] >> 16) & 0x7fffu;
-        amax = max(amax, max(lo, hi));
-        n_nan += (lo > Fp8Rule<T>::kInf) + (hi > Fp8Rule<T>::kInf);
-      }
+    for (int i = 0; i < kPairs; ++i) {
+      const uint32_t lo = raw[i] & 0x7fffu, hi = (raw[i] >> 16) & 0x7fffu;
+      amax = max(amax, max(lo, hi));
+      n_nan += (lo > Fp8Rule<T>::kInf) + (hi > Fp8Rule<T>::kInf);
     }
-    const int k_sel = FP8 ? max(k_keep - n_nan, 0) : k_keep;
+    const int k_sel = max(k_keep - n_nan, 0);
     uint32_t threshold = 0;
 #pragma unroll 1
     for (int bit = 14; bit >= 0; --bit) {
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
     }
     // Ties at the threshold beyond what fits go to the higher channels: keep the first `room` of them.
     int room = k_sel - count_magnitudes<T, kPairs, false>(raw, threshold);
-    int nan_room = k_keep;  // FP8: the NaNs kept, lower channels first
+    int nan_room = k_keep;  // the NaNs kept, lower channels first
     float divisor = 1.0f;
     if constexpr (FP8) {
       const uint32_t scale = fp8_scale<T>(amax);
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kRowsPerCta) compress_kernel(const __grid_cons
         const uint32_t bits = v[j >> 1] >> (16 * (j & 1));
         const uint32_t m = bits & 0x7fffu;
         bool keep;
-        if (FP8 && m > Fp8Rule<T>::kInf) {
+        if (m > Fp8Rule<T>::kInf) {
           keep = nan_room > 0;
           nan_room -= keep;
         } else {
