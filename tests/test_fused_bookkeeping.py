@@ -107,16 +107,208 @@ def test_fused_can_be_turned_off(monkeypatch):
     assert not layer.fused
 
 
-def test_fp8_kept_values_take_the_unfused_ops():
-    """The fused kernel writes kept values in the cache dtype: FP8 stores (issue 15) take the unfused ops, alike."""
-    torch.manual_seed(3)
-    layers = [StaticMustafarLayer(12, 0.5, 0.5, 4, backend=backend, kept_dtype=torch.float8_e4m3fn)
+FP8 = torch.float8_e4m3fn
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor, nan_payload: bool = DEVICE == "cpu") -> torch.Tensor:
+    """``t`` as integers of its size (signed zeros and NaN payloads compared too), on the CPU.
+
+    e4m3 NaNs (0x7F, 0xFF) read as 0x7F: the reference's clamp leaves the sign of a NaN to vectorisation.
+    With ``nan_payload`` False (on a GPU), every NaN of a float tensor reads as one pattern: a GPU's
+    fp32 -> fp16/bf16 conversion writes its own canonical NaN, where torch writes 0x7E00 / 0x7FC0.
+    """
+    t = t.detach().cpu()
+    bits = t.view(_INT_OF_SIZE[t.element_size()])
+    if t.dtype in (FP8, torch.uint8):
+        return torch.where(bits & 0x7F == 0x7F, torch.full_like(bits, 0x7F), bits)
+    if not nan_payload and t.is_floating_point():
+        return torch.where(torch.isnan(t), torch.full_like(bits, -1), bits)
+    return bits
+
+
+def _fp8_state(layer):
+    return [*_state(layer), layer.key_store.scale_storage, layer.value_store.scale_storage]
+
+
+def _assert_same_bits(reference, fused, where):
+    names = ("keys", "values", "length", "key values", "key bitmaps", "value values", "value bitmaps",
+             "key scales", "value scales")
+    for name, a, b in zip(names, reference, fused):
+        assert torch.equal(_bits(a), _bits(b)), f"{name} differ {where}"
+
+
+def _special_token(kind, shape, dtype):
+    """A token ``[*shape, head_dim]`` that stresses the FP8 rule in its first row (the others random)."""
+    x = torch.randn(shape).to(dtype)
+    finfo, row = torch.finfo(dtype), x.view(-1, shape[-1])[0]
+    if kind == "zero":
+        row.zero_()
+    elif kind == "tiny":  # scale floored at the smallest normal; subnormal inputs
+        row.copy_((torch.randn(shape[-1]) * finfo.tiny * 4).to(dtype))
+        x.view(-1, shape[-1])[-1] = (torch.randn(shape[-1]) * finfo.tiny / 64).to(dtype)
+    elif kind == "inf":  # NaN scale
+        row[3] = float("inf")
+        x.view(-1, shape[-1])[-1, 0] = -float("inf")
+    elif kind == "nan":
+        row[1] = float("nan")
+    elif kind == "huge":
+        row.copy_((torch.randn(shape[-1]).sign() * finfo.max).to(dtype))
+    elif kind == "ties":
+        row.copy_(torch.randint(-2, 3, (shape[-1],)).to(dtype))
+    return x.to(DEVICE)
+
+
+#: Special tokens fed at decode steps 1, 2, ... (cycled; "random" steps in between).
+SPECIAL = ("zero", "random", "tiny", "inf", "random", "nan", "huge", "ties")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_fp8_equals_unfused_bit_for_bit(dtype, head_dim, sparsity):
+    """FP8 kept values (issue 15): e4m3 bits, bitmaps and scales of the fused step equal the unfused ops'.
+
+    Window 4, a 2-token prompt (steps before the window fills), then decode to ``max_tokens`` 20: the store's
+    capacity (16) is filled to its last row at the last step. Keys at ``sparsity``, values at another.
+    """
+    torch.manual_seed(head_dim + int(10 * sparsity))
+    value_sparsity = {0.0: 0.7, 0.5: 0.0, 0.7: 0.5}[sparsity]
+    layers = [StaticMustafarLayer(20, sparsity, value_sparsity, 4, backend=backend, kept_dtype=FP8)
               for backend in ("torch", "triton")]
-    _feed(layers, torch.randn(1, 2, 5, 64, device=DEVICE), torch.randn(1, 2, 5, 64, device=DEVICE))
-    assert not any(layer.fused for layer in layers)
-    for _ in range(4):
-        _feed(layers, torch.randn(1, 2, 1, 64, device=DEVICE), torch.randn(1, 2, 1, 64, device=DEVICE))
-    for a, b in zip(_state(layers[0]), _state(layers[1])):
-        assert torch.equal(a, b)
-    assert torch.equal(layers[0].key_store.scales, layers[1].key_store.scales)
+    bh = (3, 2)
+    _feed(layers, torch.randn(*bh, 2, head_dim, device=DEVICE).to(dtype),
+          torch.randn(*bh, 2, head_dim, device=DEVICE).to(dtype))
+    assert layers[1].fused and not layers[0].fused
+    assert layers[1].key_store.capacity == 16 and layers[1].key_store.is_fp8
+    for step in range(18):
+        kind = SPECIAL[step % len(SPECIAL)]
+        keys = _special_token(kind, (*bh, 1, head_dim), dtype)
+        values = _special_token(SPECIAL[(step + 3) % len(SPECIAL)], (*bh, 1, head_dim), dtype)
+        _feed(layers, keys, values)
+        _assert_same_bits(_fp8_state(layers[0]), _fp8_state(layers[1]), f"after step {step} ({kind})")
+    assert int(layers[1].length) == 20 and int(layers[1].counter) == 0
+    scales = layers[1].key_store.scale_storage
+    assert bool(scales.isnan().any()) and bool((scales == 0).any())  # the NaN and the zero rules were exercised
     layers[1].bookkeeping_probe()()  # scratch stores of the layer's kept dtype
+
+
+@pytest.mark.parametrize("dtype, head_dim, sparsity", [(torch.float16, 128, 0.7), (torch.bfloat16, 80, 0.5),
+                                                       (torch.float32, 64, 0.0)])
+def test_fused_fp8_eviction_before_at_and_past_capacity(dtype, head_dim, sparsity):
+    """Direct launches at chosen lengths: nothing stored before the window fills, store rows 0 .. capacity - 1,
+    nothing past capacity; rows the step must leave alone keep their (nonzero) bits, as in the unfused ops."""
+    from mustafar.cache.static_ops import static_evict
+    from mustafar.format import BitmapKV
+    from mustafar.launch.bookkeeping import fused_bookkeeping
+
+    torch.manual_seed(head_dim)
+    b, h, w = 2, 3, 4
+    stores = [BitmapKV.empty(b, h, head_dim, s, dtype, DEVICE, capacity=16, kept_dtype=FP8) for s in (sparsity, 0.5)]
+    for store in stores:  # nonzero junk everywhere, so untouched rows are checked
+        values, bitmaps = store.storage
+        values.view(torch.uint8).random_(0, 256)
+        bitmaps.random_(-2**62, 2**62)
+        store.scale_storage.copy_(torch.randn(store.scale_storage.shape))
+    rings = [torch.randn(b, h, w, head_dim, device=DEVICE).to(dtype) for _ in range(2)]
+    for slot, kind in enumerate(("zero", "inf", "tiny", "huge")):
+        rings[0][:, :, slot] = _special_token(kind, (b, h, head_dim), dtype)
+        rings[1][:, :, slot] = _special_token(("nan", "ties", "zero", "tiny")[slot], (b, h, head_dim), dtype)
+    reference = [t.clone() for t in rings] + [_clone_store(s) for s in stores]
+    fused = [t.clone() for t in rings] + [_clone_store(s) for s in stores]
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for held in (0, 3, 4, 5, 10, 19, 20, 23):  # store row held - 4: none, none, 0, 1, 6, 15 (last), none, none
+        new_k, new_v = (torch.randn(b, h, 1, head_dim, device=DEVICE).to(dtype) for _ in range(2))
+        k_ring, v_ring, k_store, v_store = reference
+        length = torch.tensor(held, device=DEVICE)
+        static_evict(k_ring, k_store, length, "torch")
+        static_evict(v_ring, v_store, length, "torch")
+        k_ring[:, :, held % w], v_ring[:, :, held % w] = new_k[:, :, 0], new_v[:, :, 0]
+        length = torch.tensor([held], device=DEVICE)
+        fused_bookkeeping(new_k, new_v, *fused, length, counter)
+        assert int(length) == held + 1 and int(counter) == 0
+        want = reference[:2] + [t for s in reference[2:] for t in (*s.storage, s.scale_storage)]
+        got = fused[:2] + [t for s in fused[2:] for t in (*s.storage, s.scale_storage)]
+        for name, a, c in zip(("key ring", "value ring", "key values", "key bitmaps", "key scales", "value values",
+                               "value bitmaps", "value scales"), want, got):
+            assert torch.equal(_bits(a), _bits(c)), f"{name} differ at length {held}"
+
+
+def _clone_store(store):
+    from mustafar.format import BitmapKV
+
+    copy = BitmapKV.empty(*store.shape[:2], store.head_dim, store.sparsity, store.dtype, store.values.device,
+                          capacity=store.capacity, kept_dtype=store.kept_dtype)
+    for dst, src in zip((*copy.storage, copy.scale_storage), (*store.storage, store.scale_storage)):
+        dst.copy_(src)
+    return copy
+
+
+def test_fused_rejects_mixed_kept_dtypes():
+    from mustafar.format import BitmapKV
+    from mustafar.launch.bookkeeping import fused_bookkeeping
+
+    ring = torch.randn(1, 2, 4, 64, device=DEVICE)
+    new = torch.randn(1, 2, 1, 64, device=DEVICE)
+    fp8 = BitmapKV.empty(1, 2, 64, 0.5, torch.float32, DEVICE, capacity=16, kept_dtype=FP8)
+    plain = BitmapKV.empty(1, 2, 64, 0.5, torch.float32, DEVICE, capacity=16)
+    length, counter = torch.tensor([4], device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="value_store"):
+        fused_bookkeeping(new, new, ring, ring.clone(), fp8, plain, length, counter)
+    half = BitmapKV.empty(1, 2, 64, 0.5, torch.float16, DEVICE, capacity=16, kept_dtype=FP8)
+    with pytest.raises(ValueError, match="ring's dtype"):
+        fused_bookkeeping(new, new, ring, ring.clone(), half, half, length, counter)
+
+
+def test_static_cache_fp8_decode_stores_equal_the_unfused_path(monkeypatch):
+    """A tiny Llama decoding with ``StaticMustafarCache(kept_dtype=FP8)``: fused and unfused stores equal bit for bit."""
+    import mustafar
+    from mustafar.cache.static import FUSED_ENV
+    from mustafar.generation import cache_kwargs
+
+    from helpers import tiny_model
+
+    model = tiny_model(dtype=torch.bfloat16, hidden_size=128).to(DEVICE)
+    ids = torch.randint(128, (2, 10), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    runs = {}
+    for fused in (False, True):
+        if fused:
+            monkeypatch.delenv(FUSED_ENV, raising=False)
+        else:
+            monkeypatch.setenv(FUSED_ENV, "0")
+        cache = mustafar.StaticMustafarCache(model.config, batch_size=2, max_tokens=20, key_sparsity=0.7,
+                                             value_sparsity=0.5, window=4, backend="triton", kept_dtype=FP8)
+        logits = model(ids, **cache_kwargs(model, cache), position_ids=torch.arange(10, device=DEVICE)[None]).logits
+        assert all(layer.fused == fused for layer in cache.layers)
+        tokens, states = [], []
+        for step in range(10):  # to the store's capacity (16 = 20 - window)
+            token = logits[:, -1:].argmax(-1) if not fused else runs[False][0][step]
+            tokens.append(token)
+            position = torch.tensor([[10 + step]], device=DEVICE)
+            logits = model(token, **cache_kwargs(model, cache), position_ids=position).logits
+            states.append([t.clone() for layer in cache.layers for t in _fp8_state(layer)])
+        runs[fused] = (tokens, states, logits)
+    for step, (a, b) in enumerate(zip(runs[False][1], runs[True][1])):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(_bits(x), _bits(y)), f"stores differ after decode step {step}"
+    assert torch.equal(runs[False][2], runs[True][2])
+
+
+def test_triton_fp8_compress_of_subnormal_bf16_equals_the_reference():
+    """bf16 subnormals widen exactly in the FP8 kernels (the interpreter's bf16 -> fp32 cast does not)."""
+    from mustafar.backends import TorchBackend
+    from mustafar.format import BitmapKV
+    from mustafar.launch.compress import compress_triton
+
+    torch.manual_seed(8)
+    tiny = torch.finfo(torch.bfloat16).tiny
+    x = (torch.randn(2, 2, 3, 64) * tiny * torch.tensor([4.0, 1.0, 1 / 64]).view(1, 1, 3, 1)).to(torch.bfloat16)
+    out = []
+    for compress_into in (TorchBackend().compress, compress_triton):
+        store = BitmapKV.empty(2, 2, 64, 0.5, torch.bfloat16, DEVICE, capacity=3, kept_dtype=FP8)
+        values, bitmaps = store.storage
+        compress_into(x.to(DEVICE), 0.5, values[:, :, :3], bitmaps[:, :, :3], store.scale_storage[:, :, :3])
+        out.append((*store.storage, store.scale_storage))
+    for a, b in zip(*out):
+        assert torch.equal(_bits(a), _bits(b))

@@ -22,7 +22,6 @@ import torch
 
 from ..chunk_attention import chunk_attention
 from ..format import BitmapKV, expand_store
-from ..fp8 import is_fp8
 from ..ops import append
 from .static_ops import static_evict
 
@@ -42,13 +41,14 @@ class StaticSteps:
     def fused(self) -> bool:
         """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter).
 
-        Not for FP8 kept values (the kernel writes kept values in the cache dtype): those take the unfused ops.
+        Kept values in the cache dtype or FP8 (e4m3 bits and per-token scales, written as the unfused
+        ops write them) alike.
         """
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
 
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
-        allowed = os.environ.get(FUSED_ENV, "1") != "0" and not is_fp8(self.kept_dtype)
+        allowed = os.environ.get(FUSED_ENV, "1") != "0"
         return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .bits import token_rows
-from .fp8 import quantize_rows, row_scales
+from .fp8 import quantize_rows, row_scales, widen
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def compress_kernel(
     keep, position = select_kept(x, ch_ok, k_keep, KEY_BITS)
     v_ptr = VALS + (b * stride_vb + h * stride_vh + t * stride_vt)[:, None] + position
     if KEPT_FP8:
-        xf = x.to(tl.float32)
+        xf = widen(x)
         scale = row_scales(xf, keep, TINY, X.dtype.element_ty)
         tl.store(v_ptr, quantize_rows(xf, scale), mask=keep & row_ok[:, None])
         tl.store(SCALES + b * stride_sb + h * stride_sh + t * stride_st, scale.to(SCALES.dtype.element_ty),

@@ -47,6 +47,19 @@ def decode_e4m3(raw):
 
 
 @triton.jit
+def widen(x):
+    """``x`` (fp16/bf16/fp32) as fp32, exactly.
+
+    bf16 by bit operations: the interpreter's bf16 -> fp32 cast is wrong for subnormals (Triton 3.9:
+    ``-1.0010e-38 -> -8.2652e-39``); on a GPU both give the same bits.
+    """
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def round_to(x, DTYPE: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in ``DTYPE`` (returned in ``DTYPE``).
 

@@ -20,7 +20,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_supported(ring: torch.Tensor) -> bool:
-    """Whether :func:`fused_bookkeeping` serves a ring like ``ring`` (dtype, head_dim, contiguous rows)."""
+    """Whether :func:`fused_bookkeeping` serves a ring like ``ring`` (dtype, head_dim, contiguous rows).
+
+    The stores' kept values may be in the ring's dtype or FP8 (e4m3, issue 15): both are served.
+    """
     return ring.dtype in _DTYPES and ring.shape[-1] <= _MAX_HEAD_DIM and ring.stride(-1) == 1
 
 
@@ -30,18 +33,20 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
     """One decode step's bookkeeping of a static layer in one launch; nothing read on the host.
 
     Equivalent to ``static_evict`` of K and V, the new token written into ring slot ``length % w``,
-    and ``length += 1`` (the last only with ``advance``), with bit-identical stores.
+    and ``length += 1`` (the last only with ``advance``), with bit-identical stores: values, bitmaps
+    and, for FP8 kept values, the e4m3 bits and the per-token scales (the rule of :mod:`mustafar.fp8`).
 
     Args:
         key_states, value_states: the new token ``[batch, kv_heads, 1, head_dim]``, the ring's dtype.
         key_ring, value_ring: ``[batch, kv_heads, w, head_dim]``, rows contiguous.
-        key_store, value_store: the static stores (whole capacity allocated).
+        key_store, value_store: the static stores (whole capacity allocated); kept values both in the
+            ring's dtype or both FP8 (``float8_e4m3fn``, scales in the ring's dtype).
         length: int64 one-element device tensor, tokens held before this step.
         counter: int32 one-element device tensor, 0 between launches (the kernel resets it).
         advance: advance ``length`` (the step timer of the benchmark runs it without).
 
     Raises:
-        ValueError: shapes or dtypes that do not fit together.
+        ValueError: shapes or dtypes that do not fit together (FP8 and non-FP8 stores mixed included).
     """
     b, h, w, d = key_ring.shape
     for name, states in (("key_states", key_states), ("value_states", value_states)):
@@ -54,20 +59,33 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
     if length.dtype != torch.int64 or length.numel() != 1 or counter.dtype != torch.int32 or counter.numel() != 1:
         raise ValueError(f"length must be one int64 and counter one int32, got {length.dtype} {tuple(length.shape)} "
                          f"and {counter.dtype} {tuple(counter.shape)}")
+    fp8 = key_store.is_fp8
+    for name, store in (("key_store", key_store), ("value_store", value_store)):
+        if store.is_fp8 != fp8 or store.dtype != key_ring.dtype:
+            raise ValueError(f"key_store and value_store must both hold FP8 or both cache-dtype kept values, with "
+                             f"the ring's dtype {key_ring.dtype}; got {name} of {store.dtype}, kept "
+                             f"{store.kept_dtype}, and key_store kept {key_store.kept_dtype}")
     k_vals, k_bits = key_store.storage
     v_vals, v_bits = value_store.storage
     k_bits, v_bits = k_bits.view(torch.int32), v_bits.view(torch.int32)
+    if fp8:
+        k_vals, v_vals = k_vals.view(torch.uint8), v_vals.view(torch.uint8)
+        k_scales, v_scales = key_store.scale_storage, value_store.scale_storage
+        k_scale_args, v_scale_args = (k_scales, *k_scales.stride()), (v_scales, *v_scales.stride())
+    else:
+        k_scale_args = v_scale_args = (key_ring, 0, 0, 0)  # unused
     rows = b * h
     block = min(BLOCK_ROWS, next_pow2(rows))
     with on_device(key_ring):
         bookkeeping_kernel[(cdiv(rows, block),)](
             key_ring, *key_ring.stride()[:3], key_states, key_states.stride(0), key_states.stride(1),
-            k_vals, *k_vals.stride()[:3], k_bits, *k_bits.stride()[:3],
+            k_vals, *k_vals.stride()[:3], k_bits, *k_bits.stride()[:3], *k_scale_args,
             value_ring, *value_ring.stride()[:3], value_states, value_states.stride(0), value_states.stride(1),
-            v_vals, *v_vals.stride()[:3], v_bits, *v_bits.stride()[:3],
+            v_vals, *v_vals.stride()[:3], v_bits, *v_bits.stride()[:3], *v_scale_args,
             length, counter, h, rows, w, k_vals.shape[2],
             keep_count(d, key_store.sparsity), keep_count(d, value_store.sparsity),
             D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d),
             KEY_BITS=31 if key_ring.dtype == torch.float32 else 15,
-            BLOCK_R=block, ADVANCE=advance, num_warps=4,
+            BLOCK_R=block, ADVANCE=advance, KEPT_FP8=fp8, TINY=torch.finfo(key_ring.dtype).tiny if fp8 else 0.0,
+            num_warps=4,
         )
