@@ -312,3 +312,23 @@ def test_triton_fp8_compress_of_subnormal_bf16_equals_the_reference():
         out.append((*store.storage, store.scale_storage))
     for a, b in zip(*out):
         assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("device_type,env,expected", [("cuda", None, False), ("cuda", "1", True), ("cpu", None, True)])
+def test_fp8_stores_on_cuda_take_the_fused_launch_only_when_asked(monkeypatch, device_type, env, expected):
+    """The FP8 form of the fused kernel is verified under the interpreter only: on a CUDA device FP8 stores keep
+    the (GPU-verified) unfused ops unless MUSTAFAR_FUSED_FP8=1; cache-dtype stores are unaffected."""
+    from types import SimpleNamespace
+
+    from mustafar.cache.static_steps import FUSED_FP8_ENV, StaticSteps
+
+    if env is None:
+        monkeypatch.delenv(FUSED_FP8_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FUSED_FP8_ENV, env)
+    keys = torch.zeros(1, 2, 4, 64, dtype=torch.float16)
+    layer = SimpleNamespace(is_initialized=True, backend="triton", device=torch.device(device_type), keys=keys,
+                            kept_dtype=FP8)
+    assert StaticSteps.fused.fget(layer) is expected
+    layer.kept_dtype = None
+    assert StaticSteps.fused.fget(layer) is True

@@ -22,16 +22,21 @@ import torch
 
 from ..chunk_attention import chunk_attention
 from ..format import BitmapKV, expand_store
+from ..fp8 import is_fp8
 from ..ops import append
 from .static_ops import static_evict
 
-__all__ = ["StaticSteps", "CHUNK_GROUP_BYTES", "FUSED_ENV"]
+__all__ = ["StaticSteps", "CHUNK_GROUP_BYTES", "FUSED_ENV", "FUSED_FP8_ENV"]
 
 #: Bytes of dense K and V history a chunked prefill's attention builds at a time (a few batch rows at once).
 CHUNK_GROUP_BYTES = 512 * 2**20
 #: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
 #: prefills) off, for the unfused ops (a fallback; both give the same bits).
 FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
+#: Environment variable: ``1`` lets FP8 stores on CUDA devices take the fused launch too. Its FP8 form is
+#: verified bit-exact against the unfused ops under the Triton interpreter only (2026-12-03); until a GPU run
+#: verifies it, FP8 stores on CUDA take the unfused ops (GPU-verified) unless this is set.
+FUSED_FP8_ENV = "MUSTAFAR_FUSED_FP8"
 
 
 class StaticSteps:
@@ -42,13 +47,16 @@ class StaticSteps:
         """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter).
 
         Kept values in the cache dtype or FP8 (e4m3 bits and per-token scales, written as the unfused
-        ops write them) alike.
+        ops write them) alike; FP8 stores on a CUDA device only with ``MUSTAFAR_FUSED_FP8=1``
+        (:data:`FUSED_FP8_ENV`).
         """
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
 
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
         allowed = os.environ.get(FUSED_ENV, "1") != "0"
+        if is_fp8(self.kept_dtype) and self.device.type == "cuda":
+            allowed = allowed and os.environ.get(FUSED_FP8_ENV) == "1"
         return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
