@@ -261,7 +261,8 @@ def test_fused_rejects_mixed_kept_dtypes():
 
 
 def test_static_cache_fp8_decode_stores_equal_the_unfused_path(monkeypatch):
-    """A tiny Llama decoding with ``StaticMustafarCache(kept_dtype=FP8)``: fused and unfused stores equal bit for bit."""
+    """A tiny Llama decoding with ``StaticMustafarCache(kept_dtype=FP8)``: fused and unfused stores equal bit for
+    bit."""
     import mustafar
     from mustafar.cache.static import FUSED_ENV
     from mustafar.generation import cache_kwargs

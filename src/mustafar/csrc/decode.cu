@@ -543,7 +543,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       const int ahead = tile + s * kStep;
-      if (ahead < hi) issue_tile<D, F8>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane);
+      if (ahead < hi)
+        issue_tile<D, F8>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane);
       else cp_async_commit();
     }
     for (int it = 0; tile < hi; ++it, tile += kStep) {

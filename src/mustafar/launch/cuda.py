@@ -99,7 +99,8 @@ def cuda_supported(query, key_cache: BitmapKV, value_cache: BitmapKV, key_window
 
 
 @functools.lru_cache(maxsize=None)
-def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int, v_keep: int, fp8: bool = False) -> int:
+def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int, v_keep: int,
+                fp8: bool = False) -> int:
     """Decode CTAs that fit on one multiprocessor at once (CUDA occupancy API); K and V keep k_keep / v_keep."""
     return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep, v_keep, fp8))
 
