@@ -27,27 +27,33 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
 }
 
-// G query heads per KV head (1, 2, 4 or 8): the query table holds G halves per channel.
-template <int G>
+// G query heads per KV head (1, 2, 4 or 8): the query table holds G values per channel, fp16 (QF32 false: one
+// 2*G-byte gather and G conversions per kept entry) or fp32 (QF32 true: one 4*G-byte gather, no conversion).
+template <int G, bool QF32>
 __global__ void __launch_bounds__(kRows) k_scores_simt(const __half* __restrict__ values,
                                                        const uint32_t* __restrict__ bits,
                                                        const __half* __restrict__ q, float* __restrict__ out,
                                                        int tokens, int k_keep, float scale) {
   extern __shared__ __align__(16) char smem[];
-  __half* q_table = reinterpret_cast<__half*>(smem);                          // [kD][G]
-  __half* vals = reinterpret_cast<__half*>(smem + kD * G * 2);                // [kRows][k_keep]
-  uint32_t* words = reinterpret_cast<uint32_t*>(smem + kD * G * 2 + kRows * k_keep * 2);  // [kRows][4]
+  constexpr int kQBytes = kD * G * (QF32 ? 4 : 2);
+  __half* q_table = reinterpret_cast<__half*>(smem);                          // [kD][G] (fp16)
+  float* q_table32 = reinterpret_cast<float*>(smem);                          // [kD][G] (fp32)
+  __half* vals = reinterpret_cast<__half*>(smem + kQBytes);                   // [kRows][k_keep]
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem + kQBytes + kRows * k_keep * 2);  // [kRows][4]
   const int bh = blockIdx.y, t0 = blockIdx.x * kRows, tid = threadIdx.x;
 
   const char* vsrc = reinterpret_cast<const char*>(values + ((long long)bh * tokens + t0) * k_keep);
   const int vbytes = kRows * k_keep * 2;  // a multiple of 16: kRows is
-  for (int off = tid * 16; off < vbytes; off += kRows * 16) cp_async16(reinterpret_cast<char*>(vals) + off, vsrc + off);
+  for (int off = tid * 16; off < vbytes; off += kRows * 16)
+    cp_async16(reinterpret_cast<char*>(vals) + off, vsrc + off);
   const char* bsrc = reinterpret_cast<const char*>(bits + ((long long)bh * tokens + t0) * (kD / 32));
-  for (int off = tid * 16; off < kRows * 16; off += kRows * 16) cp_async16(reinterpret_cast<char*>(words) + off, bsrc + off);
+  cp_async16(reinterpret_cast<char*>(words) + tid * 16, bsrc + tid * 16);  // one row's 4 words per thread
   asm volatile("cp.async.commit_group;\n" ::);
   for (int i = tid; i < kD * G; i += kRows) {  // transpose [G][kD] -> [kD][G]
     const int h = i / kD, c = i % kD;
-    q_table[c * G + h] = q[((long long)bh * G + h) * kD + c];
+    const __half x = q[((long long)bh * G + h) * kD + c];
+    if constexpr (QF32) q_table32[c * G + h] = __half2float(x);
+    else q_table[c * G + h] = x;
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
@@ -67,7 +73,10 @@ __global__ void __launch_bounds__(kRows) k_scores_simt(const __half* __restrict_
     lo = use_lo ? w : lo;
     hi = use_lo ? hi : w;
     const float v = __half2float(row[j]);
-    if constexpr (G == 1) {
+    if constexpr (QF32) {
+#pragma unroll
+      for (int h = 0; h < G; ++h) acc[h] += v * q_table32[c * G + h];  // vectorised: one 4*G-byte load
+    } else if constexpr (G == 1) {
       acc[0] += v * __half2float(q_table[c]);
     } else if constexpr (G == 2) {
       const float2 qf = __half22float2(reinterpret_cast<const __half2*>(q_table)[c]);
@@ -89,18 +98,24 @@ __global__ void __launch_bounds__(kRows) k_scores_simt(const __half* __restrict_
 }  // namespace
 
 // Launch for torch: values fp16 [BH, T, k_keep], bits int32 [BH, T, 4], q fp16 [BH, G, 128], out fp32 [BH, G, T].
+// q_f32: the fp32 query table variant.
 int k_scores_simt_launch(const void* values, const void* bits, const void* q, float* out, int bh, int tokens,
-                         int k_keep, int group, float scale, cudaStream_t stream) {
+                         int k_keep, int group, float scale, bool q_f32, cudaStream_t stream) {
   if (tokens % kRows) return static_cast<int>(cudaErrorInvalidValue);
-  const int smem = kD * group * 2 + kRows * k_keep * 2 + kRows * 16;
+  const int smem = kD * group * (q_f32 ? 4 : 2) + kRows * k_keep * 2 + kRows * 16;
   const dim3 grid(tokens / kRows, bh);
   const auto* v = static_cast<const __half*>(values);
   const auto* b = static_cast<const uint32_t*>(bits);
   const auto* qq = static_cast<const __half*>(q);
-#define MUSTAFAR_PROBE_LAUNCH(GG)                                                                   \
-  do {                                                                                              \
-    cudaFuncSetAttribute(k_scores_simt<GG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);    \
-    k_scores_simt<GG><<<grid, kRows, smem, stream>>>(v, b, qq, out, tokens, k_keep, scale);          \
+#define MUSTAFAR_PROBE_LAUNCH_Q(GG, QQ)                                                                \
+  do {                                                                                                 \
+    cudaFuncSetAttribute(k_scores_simt<GG, QQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);   \
+    k_scores_simt<GG, QQ><<<grid, kRows, smem, stream>>>(v, b, qq, out, tokens, k_keep, scale);         \
+  } while (0)
+#define MUSTAFAR_PROBE_LAUNCH(GG)            \
+  do {                                       \
+    if (q_f32) MUSTAFAR_PROBE_LAUNCH_Q(GG, true);  \
+    else MUSTAFAR_PROBE_LAUNCH_Q(GG, false); \
   } while (0)
   switch (group) {
     case 1: MUSTAFAR_PROBE_LAUNCH(1); break;
@@ -110,5 +125,6 @@ int k_scores_simt_launch(const void* values, const void* bits, const void* q, fl
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 #undef MUSTAFAR_PROBE_LAUNCH
+#undef MUSTAFAR_PROBE_LAUNCH_Q
   return static_cast<int>(cudaGetLastError());
 }

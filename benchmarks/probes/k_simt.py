@@ -11,6 +11,8 @@ sets rotated past the L2) the probe (K side only: scores, no softmax, no V), the
 V, no window) and dense SDPA (default backend, ``enable_gqa``, dense random K/V). Prints one JSON line per
 case and writes ``k_simt.json``. Reading: if ``probe_us`` is well under half of ``library_us`` and near
 ``k_floor_us``, a kernel with this K side and an mma V side is worth building (KERNELS.md's budget).
+Two query-table variants: fp16 (``probe_us``: 8-byte gathers and conversions) and fp32 (``probe_q_f32_us``:
+16-byte gathers, no conversion).
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ CASES = [(8, 32768, 0.7), (8, 32768, 0.5), (32, 32768, 0.7), (1, 32768, 0.7)]
 
 _CPP = r"""
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 int k_scores_simt_launch(const void* values, const void* bits, const void* q, float* out, int bh, int tokens,
-                         int k_keep, int group, float scale, cudaStream_t stream);
+                         int k_keep, int group, float scale, bool q_f32, cudaStream_t stream);
 void scores(const torch::Tensor& values, const torch::Tensor& bits, const torch::Tensor& q, torch::Tensor& out,
-            double scale) {
+            double scale, bool q_f32) {
   const int err = k_scores_simt_launch(values.data_ptr(), bits.data_ptr(), q.data_ptr(), out.data_ptr<float>(),
                                        values.size(0), values.size(1), values.size(2), q.size(1),
-                                       static_cast<float>(scale), at::cuda::getCurrentCUDAStream().stream());
+                                       static_cast<float>(scale), q_f32,
+                                       c10::cuda::getCurrentCUDAStream(values.get_device()).stream());
   TORCH_CHECK(err == 0, "k_scores_simt failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("scores", &scores); }
@@ -101,17 +104,20 @@ def main() -> None:
         sets, _ = rotating(make_case(batch, tokens, sparsity), 2 * k_bytes)
         q, keys, values = sets[0]
         pv, pb, pq, out = probe_inputs(q, keys)
-        ext.scores(pv, pb, pq, out, scale)
         dense_k = keys.decompress().reshape(batch * KV_HEADS, tokens, HEAD_DIM).float()
         ref = torch.einsum("bgd,btd->bgt", pq.float(), dense_k) * scale
-        rel_err = ((out - ref).norm() / ref.norm()).item()
+        rel_err = {}
+        for q_f32 in (False, True):
+            out.zero_()
+            ext.scores(pv, pb, pq, out, scale, q_f32)
+            rel_err[q_f32] = ((out - ref).norm() / ref.norm()).item()
         del dense_k, ref
         inputs = [probe_inputs(*s[:2]) for s in sets]
         state = {"i": 0}
 
-        def probe():
+        def probe(q_f32):
             state["i"] = (state["i"] + 1) % len(inputs)
-            ext.scores(*inputs[state["i"]], scale)
+            ext.scores(*inputs[state["i"]], scale, q_f32)
 
         def library():
             state["i"] = (state["i"] + 1) % len(sets)
@@ -119,12 +125,15 @@ def main() -> None:
 
         kd = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.float16)
         vd = torch.randn_like(kd)
-        row = dict(batch=batch, tokens=tokens, sparsity=sparsity, group=GROUP, rel_err=rel_err,
-                   k_floor_us=k_bytes / read_bw * 1e6, probe_us=graph_time(probe) * 1e6,
+        row = dict(batch=batch, tokens=tokens, sparsity=sparsity, group=GROUP, rel_err=rel_err[False],
+                   rel_err_q_f32=rel_err[True], k_floor_us=k_bytes / read_bw * 1e6,
+                   probe_us=graph_time(lambda: probe(False)) * 1e6,
+                   probe_q_f32_us=graph_time(lambda: probe(True)) * 1e6,
                    library_us=graph_time(library) * 1e6,
                    dense_us=graph_time(lambda: torch.nn.functional.scaled_dot_product_attention(
                        q, kd, vd, enable_gqa=True)) * 1e6)
         row["probe_over_library"] = row["probe_us"] / row["library_us"]
+        row["probe_q_f32_over_library"] = row["probe_q_f32_us"] / row["library_us"]
         row["probe_over_k_floor"] = row["probe_us"] / row["k_floor_us"]
         rows.append(row)
         print(json.dumps(row), flush=True)
