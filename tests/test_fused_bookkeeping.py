@@ -333,3 +333,142 @@ def test_fp8_stores_on_cuda_take_the_fused_launch_only_when_asked(monkeypatch, d
     assert StaticSteps.fused.fget(layer) is expected
     layer.kept_dtype = None
     assert StaticSteps.fused.fget(layer) is True
+
+
+def _fp8_store_rows(dtype, head_dim, sparsity, tokens=37):
+    """An FP8 store ``(values, bitmaps, scales)`` of ``tokens`` rows with zero, NaN, inf, tiny and near-max tokens."""
+    from mustafar.format import BitmapKV
+
+    x = torch.randn(2, 3, tokens, head_dim).to(dtype)
+    for t, kind in enumerate(("zero", "nan", "inf", "tiny", "huge", "ties", "huge")):
+        x[:, :, 3 + 5 * t] = _special_token(kind, (2, 3, head_dim), dtype).cpu()
+    store = BitmapKV.empty(2, 3, head_dim, sparsity, dtype, DEVICE, capacity=tokens + 3, kept_dtype=FP8)
+    from mustafar.ops import append
+
+    append(store, x.to(DEVICE))
+    return store
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_expand_kernel_fp8_equals_expand_store(dtype, head_dim, sparsity):
+    """FP8 kept values (issue 15): the kernel dequantises as :func:`expand_store`, bit for bit, on views at a
+    token offset into a store: zero scales, NaN scales (NaN at kept channels, 0 at pruned ones), tiny tokens,
+    tokens at the dtype's max (the dequantised product passes it: the clamp). NaNs compare as one pattern: the
+    reference's NaN payloads vary with torch's vectorisation (0x7E00 and 0x7F80 in one fp16 row, measured)."""
+    from mustafar.format import expand_store
+    from mustafar.launch.expand import expand_triton
+
+    torch.manual_seed(head_dim + int(10 * sparsity))
+    store = _fp8_store_rows(dtype, head_dim, sparsity)
+    values, bitmaps = store.storage
+    scales = store.scale_storage
+    assert bool(scales[:, :, :37].isnan().any()) and bool((scales[:, :, :37] == 0).any())
+    rows = slice(2, 35)
+    out = torch.full((2, 3, 40, head_dim), 7.0, dtype=dtype, device=DEVICE)
+    expand_triton(values[:, :, rows], bitmaps[:, :, rows], out[:, :, 1:34], scales[:, :, rows])
+    want = expand_store(values[:, :, rows], bitmaps[:, :, rows], head_dim, scales[:, :, rows])
+    assert torch.equal(_bits(out[:, :, 1:34], nan_payload=False), _bits(want, nan_payload=False))
+    assert torch.equal(out[:, :, 34:], torch.full_like(out[:, :, 34:], 7.0)) and bool((out[:, :, 0] == 7).all())
+    if dtype != torch.float32:  # the near-max token: its largest kept value dequantises to the max, not inf
+        huge = out[0, 0, 1 + 3 + 5 * 4 - 2]  # store row 23 (special tokens stress their first (batch, head))
+        assert float(huge.abs().max()) == torch.finfo(dtype).max
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_expand_kernel_fp8_arbitrary_bits_and_scales(dtype):
+    """Every e4m3 code (NaNs and subnormals included) under scales that are 0, NaN, inf, subnormal, negative or
+    large enough that ``448 * scale`` overflows the dtype: the kernel equals :func:`expand_store` bit for bit."""
+    from mustafar.format import expand_store
+    from mustafar.launch.expand import expand_triton
+
+    torch.manual_seed(3)
+    head_dim, tokens = 80, 40
+    store = compress(torch.randn(1, 2, tokens, head_dim).to(dtype), 0.5, kept_dtype=FP8)
+    values, bitmaps = (t[:, :, :tokens].to(DEVICE) for t in store.storage)
+    values.view(torch.uint8).random_(0, 256)
+    values.view(torch.uint8)[0, 0, 0, :32] = torch.arange(0, 256, 8, dtype=torch.uint8)
+    finfo = torch.finfo(dtype)
+    special = torch.tensor([0.0, float("nan"), float("inf"), finfo.tiny / 8, -1.5, finfo.max / 400, finfo.max / 448,
+                            finfo.max], dtype=torch.float32)
+    scales = torch.randn(1, 2, tokens) * 2.0 ** torch.randint(-20, 20, (1, 2, tokens))
+    scales[0, :, :len(special)] = special
+    scales = scales.to(dtype).to(DEVICE)
+    out = torch.empty(1, 2, tokens, head_dim, dtype=dtype, device=DEVICE)
+    expand_triton(values, bitmaps, out, scales)
+    want = expand_store(values, bitmaps, head_dim, scales)
+    assert torch.equal(_bits(out, nan_payload=False), _bits(want, nan_payload=False))
+
+
+def test_expand_triton_checks_scales():
+    from mustafar.launch.expand import expand_triton
+
+    store = compress(torch.randn(1, 2, 5, 64, dtype=torch.float16), 0.5, kept_dtype=FP8)
+    values, bitmaps = (t[:, :, :5].to(DEVICE) for t in store.storage)
+    scales = store.scale_storage[:, :, :5].to(DEVICE)
+    out = torch.empty(1, 2, 5, 64, dtype=torch.float16, device=DEVICE)
+    expand_triton(values, bitmaps, out, scales)  # the good call
+    plain = compress(torch.randn(1, 2, 5, 64, dtype=torch.float16), 0.5)
+    with pytest.raises(ValueError, match="scales are only for float8_e4m3fn values"):
+        expand_triton(*(t[:, :, :5].to(DEVICE) for t in plain.storage), out, scales)
+    with pytest.raises(ValueError, match="need scales.*got None"):
+        expand_triton(values, bitmaps, out)
+    with pytest.raises(ValueError, match=r"scales must be \[1, 2, 5\].*got \(1, 2, 4\)"):
+        expand_triton(values, bitmaps, out, scales[:, :, :4])
+    with pytest.raises(ValueError, match="scales must be.*torch.float32"):
+        expand_triton(values, bitmaps, out, scales.float())
+    with pytest.raises(ValueError, match="tokens contiguous"):
+        expand_triton(values, bitmaps, out, torch.empty(1, 5, 2, dtype=torch.float16, device=DEVICE).transpose(1, 2))
+    with pytest.raises(ValueError, match="scales must be.*fp16/bf16/fp32"):
+        expand_triton(values, bitmaps, out.to(torch.float64), scales.double())
+
+
+def test_static_cache_fp8_chunked_prefill_triton_equals_torch(monkeypatch):
+    """A tiny Llama prefilling in chunks into ``StaticMustafarCache(kept_dtype=FP8, backend="triton")``: each
+    chunk's history decompressed by the Triton kernel gives the logits of the PyTorch decompression
+    (``MUSTAFAR_FUSED_BOOKKEEPING=0``), exactly; then a few decode steps."""
+    import mustafar
+    import mustafar.launch.expand as launch_expand
+    from mustafar.cache.static import FUSED_ENV
+    from mustafar.generation import cache_kwargs
+
+    from helpers import tiny_model
+
+    model = tiny_model(dtype=torch.bfloat16, hidden_size=128).to(DEVICE)
+    ids = torch.randint(128, (2, 34), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    calls = []
+    original = launch_expand.expand_triton
+
+    def spy(values, bitmaps, out, scales=None):
+        calls.append(scales is not None and values.dtype == FP8)
+        original(values, bitmaps, out, scales)
+
+    monkeypatch.setattr(launch_expand, "expand_triton", spy)
+    runs = {}
+    for fused in (False, True):
+        if fused:
+            monkeypatch.delenv(FUSED_ENV, raising=False)
+        else:
+            monkeypatch.setenv(FUSED_ENV, "0")
+        cache = mustafar.StaticMustafarCache(model.config, batch_size=2, max_tokens=40, key_sparsity=0.7,
+                                             value_sparsity=0.5, window=4, backend="triton", kept_dtype=FP8)
+        logits, start = [], 0
+        with torch.no_grad():
+            for size in (7, 5, 13, 5, 2, 2):  # chunks 2.. attend to stores of 3, 8, 21, 26 and 28 tokens
+                positions = torch.arange(start, start + size, device=DEVICE)[None]
+                logits.append(model(ids[:, start:start + size], **cache_kwargs(model, cache),
+                                    position_ids=positions).logits)
+                start += size
+            for _ in range(3):
+                token = logits[-1][:, -1:].argmax(-1)
+                logits.append(model(token, **cache_kwargs(model, cache),
+                                    position_ids=torch.tensor([[start]], device=DEVICE)).logits)
+                start += 1
+        assert all(layer.fused == fused and layer.key_store.is_fp8 for layer in cache.layers)
+        runs[fused] = logits
+    assert calls and all(calls)  # only the fused run took the kernel, always with FP8 values and scales
+    for step, (a, b) in enumerate(zip(runs[False], runs[True])):
+        assert torch.equal(a, b), f"logits differ at step {step}"

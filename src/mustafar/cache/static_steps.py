@@ -33,9 +33,11 @@ CHUNK_GROUP_BYTES = 512 * 2**20
 #: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
 #: prefills) off, for the unfused ops (a fallback; both give the same bits).
 FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
-#: Environment variable: ``1`` lets FP8 stores on CUDA devices take the fused launch too. Its FP8 form is
-#: verified bit-exact against the unfused ops under the Triton interpreter only (2026-12-03); until a GPU run
-#: verifies it, FP8 stores on CUDA take the unfused ops (GPU-verified) unless this is set.
+#: Environment variable: ``1`` lets FP8 stores on CUDA devices take the fused launch too, and the Triton
+#: decompression of the store in chunked prefills (:func:`_expand_into`). Their FP8 forms are verified
+#: bit-exact against the unfused ops / :func:`mustafar.format.expand_store` under the Triton interpreter only
+#: (2026-12-03); until a GPU run verifies them, FP8 stores on CUDA take the unfused ops and the PyTorch
+#: decompression (GPU-verified) unless this is set.
 FUSED_FP8_ENV = "MUSTAFAR_FUSED_FP8"
 
 
@@ -48,7 +50,7 @@ class StaticSteps:
 
         Kept values in the cache dtype or FP8 (e4m3 bits and per-token scales, written as the unfused
         ops write them) alike; FP8 stores on a CUDA device only with ``MUSTAFAR_FUSED_FP8=1``
-        (:data:`FUSED_FP8_ENV`).
+        (:data:`FUSED_FP8_ENV`). It also picks the Triton decompression of a chunked prefill's store.
         """
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
@@ -161,13 +163,18 @@ class StaticSteps:
 
 def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor, triton: bool,
                  scales: torch.Tensor | None = None) -> None:
-    """Decompress store rows into ``out`` (the Triton kernel where it runs, else :func:`mustafar.format.expand_store`;
-    FP8 kept values, with their ``scales [rows, h, stored]``, always the latter)."""
+    """Decompress store rows into ``out``: the Triton kernel where ``triton`` (the layer's :attr:`StaticSteps.fused`),
+    else :func:`mustafar.format.expand_store`; bit-identical.
+
+    FP8 kept values (``float8_e4m3fn``, with their ``scales [rows, h, stored]`` in ``out``'s dtype) take the
+    Triton kernel too; on a CUDA device ``fused`` is false for FP8 stores unless ``MUSTAFAR_FUSED_FP8=1``
+    (:data:`FUSED_FP8_ENV`), so this decompression then runs the reference.
+    """
     if out.shape[2] == 0:
         return
-    if triton and scales is None:
+    if triton:
         from ..launch.expand import expand_triton
 
-        expand_triton(values, bitmaps, out)
+        expand_triton(values, bitmaps, out, scales)
         return
     out.copy_(expand_store(values, bitmaps, out.shape[3], scales))

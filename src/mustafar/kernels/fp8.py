@@ -63,12 +63,14 @@ def widen(x):
 def round_to(x, DTYPE: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in ``DTYPE`` (returned in ``DTYPE``).
 
-    bf16 by bit operations: the interpreter's fp32 -> bf16 cast does not round to nearest even (Triton 3.9).
+    bf16 by bit operations, NaN as torch writes it (0x7FC0): the interpreter's fp32 -> bf16 cast does not round
+    to nearest even, and it is wrong for subnormals even where exact (Triton 3.9: ``-2.7551e-40``, bf16 bits
+    0x8003, -> 0x8040); on a GPU the bits are the cast's.
     """
     if DTYPE == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
-        rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True)).to(DTYPE)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16).to(DTYPE, bitcast=True)
     else:
         return x.to(DTYPE)
 
