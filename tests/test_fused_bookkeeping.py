@@ -429,13 +429,17 @@ def test_expand_triton_checks_scales():
 def test_static_cache_fp8_chunked_prefill_triton_equals_torch(monkeypatch):
     """A tiny Llama prefilling in chunks into ``StaticMustafarCache(kept_dtype=FP8, backend="triton")``: each
     chunk's history decompressed by the Triton kernel gives the logits of the PyTorch decompression
-    (``MUSTAFAR_FUSED_BOOKKEEPING=0``), exactly; then a few decode steps."""
+    (``MUSTAFAR_FUSED_BOOKKEEPING=0``), exactly; then a few decode steps. On a GPU with ``MUSTAFAR_FUSED_FP8=1``
+    (set here), so that it verifies the compiled kernel."""
     import mustafar
     import mustafar.launch.expand as launch_expand
     from mustafar.cache.static import FUSED_ENV
+    from mustafar.cache.static_steps import FUSED_FP8_ENV
     from mustafar.generation import cache_kwargs
 
     from helpers import tiny_model
+
+    monkeypatch.setenv(FUSED_FP8_ENV, "1")
 
     model = tiny_model(dtype=torch.bfloat16, hidden_size=128).to(DEVICE)
     ids = torch.randint(128, (2, 34), generator=torch.Generator().manual_seed(5)).to(DEVICE)
