@@ -108,6 +108,14 @@ def test_fused_can_be_turned_off(monkeypatch):
 
 
 FP8 = torch.float8_e4m3fn
+
+
+def _use_fused(monkeypatch, env: str, fused: bool) -> None:
+    """Let the static cache take the fused Triton paths (``env`` unset) or the unfused ops (``env=0``)."""
+    if fused:
+        monkeypatch.delenv(env, raising=False)
+    else:
+        monkeypatch.setenv(env, "0")
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -273,10 +281,7 @@ def test_static_cache_fp8_decode_stores_equal_the_unfused_path(monkeypatch):
     ids = torch.randint(128, (2, 10), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     runs = {}
     for fused in (False, True):
-        if fused:
-            monkeypatch.delenv(FUSED_ENV, raising=False)
-        else:
-            monkeypatch.setenv(FUSED_ENV, "0")
+        _use_fused(monkeypatch, FUSED_ENV, fused)
         cache = mustafar.StaticMustafarCache(model.config, batch_size=2, max_tokens=20, key_sparsity=0.7,
                                              value_sparsity=0.5, window=4, backend="triton", kept_dtype=FP8)
         logits = model(ids, **cache_kwargs(model, cache), position_ids=torch.arange(10, device=DEVICE)[None]).logits
@@ -453,10 +458,7 @@ def test_static_cache_fp8_chunked_prefill_triton_equals_torch(monkeypatch):
     monkeypatch.setattr(launch_expand, "expand_triton", spy)
     runs = {}
     for fused in (False, True):
-        if fused:
-            monkeypatch.delenv(FUSED_ENV, raising=False)
-        else:
-            monkeypatch.setenv(FUSED_ENV, "0")
+        _use_fused(monkeypatch, FUSED_ENV, fused)
         cache = mustafar.StaticMustafarCache(model.config, batch_size=2, max_tokens=40, key_sparsity=0.7,
                                              value_sparsity=0.5, window=4, backend="triton", kept_dtype=FP8)
         logits, start = [], 0
