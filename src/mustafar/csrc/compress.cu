@@ -9,12 +9,10 @@
 // through shared memory so that global reads and writes are coalesced.
 //
 // FP8 kept values (issue 15, the rule of mustafar/fp8.py, bit-identical to compress_reference followed by
-// quantize_kept, NaN entries included): the same selection, with NaN entries counted as larger than every number
-// (torch.sort's order: all NaNs are kept, the lower channels first if there are more than k_keep); each kept value
-// is written as e4m3 bits over one scale per row, in the cache dtype: NaN if the row holds a non-finite entry (one
-// is then kept), 0 if it is all zero, else max(round(float32(amax) / 448), smallest normal); the values are
-// e4m3(clamp(float32(x) / scale, -448, 448)) rounded to nearest even (x / 1 for a zero scale), 0x7F (torch's NaN)
-// throughout a row of NaN scale.
+// quantize_kept): the same selection; each kept value is written as e4m3 bits over one scale per row, in the
+// cache dtype: NaN if the row holds a non-finite entry (one is then kept), 0 if it is all zero, else
+// max(round(float32(amax) / 448), smallest normal); the values are e4m3(clamp(float32(x) / scale, -448, 448))
+// rounded to nearest even (x / 1 for a zero scale), 0x7F (torch's NaN) throughout a row of NaN scale.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
