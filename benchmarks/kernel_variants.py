@@ -3,7 +3,7 @@
 Usage (CUDA machine, repository root):
 
     PYTHONPATH=src python benchmarks/kernel_variants.py --variant new= --variant s3=-DMUSTAFAR_DECODE_STAGES=3 \
-        --variant head=@HEAD [--cases quick|full|fp8] [--triton] [--out DIR]
+        --variant head=@HEAD [--cases quick|full|fp8|pad] [--triton] [--out DIR]
 
 Each ``--variant NAME=SPEC`` builds the extension once: SPEC is ``lib`` (the library's own build, as
 ``backend="cuda"`` loads it), a space-separated list of nvcc flags for the working tree's
@@ -51,7 +51,13 @@ FP8_CASES = [(shape, batch, context, sparsity, dtype) for shape, batch, context,
              (("llama3-8b", 8, 32768, 0.7), ("llama3-8b", 32, 32768, 0.7), ("llama3-8b", 8, 32768, 0.5),
               ("llama3-8b", 32, 32768, 0.5), ("llama3-8b", 1, 32768, 0.7), ("llama3-8b", 16, 32768, 0.7))
              for dtype in ("fp16", "fp16+fp8")] + [("llama3-8b", 8, 32768, 0.7, "bf16+fp8")]
-CASES = {"quick": QUICK, "full": FULL, "fp8": FP8_CASES}
+#: Rows whose staged values are a power of two of bytes (``MUSTAFAR_DECODE_PAD``): s = 0.5 at head_dim 128 (fp16:
+#: 128-byte rows, FP8: 64) and 64 (fp16: 64), with an s = 0.7 row (38 values: never padded) as the control.
+PAD_CASES = [("llama3-8b", 8, 32768, 0.5, "fp16"), ("llama3-8b", 32, 32768, 0.5, "fp16"),
+             ("llama3-8b", 1, 32768, 0.5, "fp16"), ("llama3-8b", 8, 32768, 0.5, "bf16"),
+             ("llama3-8b", 8, 32768, 0.5, "fp16+fp8"), ("smollm2-135m", 8, 32768, 0.5, "fp16"),
+             ("qwen2.5-7b", 8, 32768, 0.5, "fp16"), ("llama3-8b", 8, 32768, 0.7, "fp16")]
+CASES = {"quick": QUICK, "full": FULL, "fp8": FP8_CASES, "pad": PAD_CASES}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

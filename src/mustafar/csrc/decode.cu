@@ -201,6 +201,20 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
   for (int off = lane * 16; off < bytes; off += 32 * 16) cp_async16(dst + off, src + off);
 }
 
+// Row padding of the staged values (issue 13): rows whose byte count is a power of two of 32 or more start every
+// row of a 16-token tile in the same shared-memory banks, so the lanes that read the same rank of different rows
+// (the mma fragments read tokens g, g + 8 and 2t, 2t + 1, ...) collide: 8-way at s = 0.5 (fp16, head_dim 128:
+// 128-byte rows). Such rows are staged 16 bytes apart (stride = bytes + 16), which spreads the rows over the banks.
+#ifndef MUSTAFAR_DECODE_PAD
+#define MUSTAFAR_DECODE_PAD 1
+#endif
+
+// Bytes between staged rows of `row_bytes` bytes (see MUSTAFAR_DECODE_PAD).
+__host__ __device__ __forceinline__ int padded_stride(int row_bytes) {
+  const bool pow2 = row_bytes >= 32 && row_bytes <= 512 && (row_bytes & (row_bytes - 1)) == 0;
+  return (MUSTAFAR_DECODE_PAD && pow2) ? row_bytes + 16 : row_bytes;
+}
+
 // Shared memory of one warp stage: K values, V values (K and V may keep different counts: per-K/V sparsity),
 // K bitmaps, V bitmaps, K and V row prefix counts, and with FP8 kept values the K and V scales (16 each).
 template <int D>
@@ -209,16 +223,34 @@ struct Stage {
   static constexpr int kBitsBytes = kTile * kWords * 4;
   static constexpr int kPrefixBytes = kTile * 4;
   static constexpr int kScaleBytes = kTile * 2;
-  // 16 tokens * k_keep * kept bytes and 16 tokens * v_keep * kept bytes (multiples of 16); scales (0 or 64)
-  int k_bytes, v_bytes, scale_bytes;
+  // bytes of one K / V row in global memory (k_keep * kept bytes) and between rows in shared memory
+  int k_row, v_row, k_stride, v_stride, scale_bytes;
   __host__ __device__ Stage(int k_keep, int v_keep, bool fp8)
-      : k_bytes(kTile * k_keep * (fp8 ? 1 : 2)), v_bytes(kTile * v_keep * (fp8 ? 1 : 2)),
-        scale_bytes(fp8 ? 2 * kScaleBytes : 0) {}
-  __host__ __device__ int bits_offset() const { return k_bytes + v_bytes; }
+      : k_row(k_keep * (fp8 ? 1 : 2)), v_row(v_keep * (fp8 ? 1 : 2)), k_stride(padded_stride(k_row)),
+        v_stride(padded_stride(v_row)), scale_bytes(fp8 ? 2 * kScaleBytes : 0) {}
+  // 16 rows: the global tile (a multiple of 16 bytes) and its shared-memory copy
+  __host__ __device__ int k_tile() const { return kTile * k_row; }
+  __host__ __device__ int v_tile() const { return kTile * v_row; }
+  __host__ __device__ int k_bytes() const { return kTile * k_stride; }
+  __host__ __device__ int v_bytes() const { return kTile * v_stride; }
+  __host__ __device__ int bits_offset() const { return k_bytes() + v_bytes(); }
   __host__ __device__ int prefix_offset() const { return bits_offset() + 2 * kBitsBytes; }
   __host__ __device__ int scale_offset() const { return prefix_offset() + 2 * kPrefixBytes; }
   __host__ __device__ int size() const { return scale_offset() + scale_bytes; }
 };
+
+// Copy a tile of 16 rows (`row_bytes` each, `bytes` in all, a multiple of 16) into rows `stride` bytes apart.
+// A padded stride only occurs for power-of-two rows of 32-512 bytes, so a lane's 16-byte chunks stay in one row.
+__device__ __forceinline__ void stage_rows(char* dst, const char* src, int bytes, int row_bytes, int stride,
+                                           int lane) {
+  if (stride == row_bytes) {
+    stage_copy(dst, src, bytes, lane);
+    return;
+  }
+  const int shift = __ffs(row_bytes) - 1;
+#pragma unroll 1
+  for (int off = lane * 16; off < bytes; off += 32 * 16) cp_async16(dst + off + ((off >> shift) << 4), src + off);
+}
 
 // The packed exclusive prefix counts of a row's bitmap words: byte j = set bits in words 0..j-1.
 template <int WORDS>
@@ -313,7 +345,7 @@ struct Decoder {
   // S^T tile [16 tokens x 8 NT rows] from compressed K rows in shared memory (tokens g and g + 8).
   // FP8: `scales` (the 16 tokens' K scales, cache dtype bits) multiply the scores (S = scale * q . Q).
   __device__ void scores_sparse(float s[NT][4], const void* vals, const uint32_t* bits, const uint32_t* prefix,
-                                int valid, int k_keep, const uint16_t* scales) {
+                                int valid, int stride, const uint16_t* scales) {
     uint32_t mine[2], src[2];
     const uint32_t base = smem_addr(vals);
 #pragma unroll
@@ -322,7 +354,7 @@ struct Decoder {
       int x;
       mine[half] = run_of<kCPTK>(bits + row * kWords, prefix[row], kCPTK * t, x);
       if (row >= valid) mine[half] = 0;
-      src[half] = base + KeptT::kBytes * (row * k_keep + x);
+      src[half] = base + row * stride + KeptT::kBytes * x;
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -439,7 +471,7 @@ struct Decoder {
 
   // O^T += V^T P^T for compressed V rows in shared memory (tokens 2t, 2t+1, 2t+8, 2t+9).
   __device__ void accumulate_sparse(const uint32_t pb[NT][2], const void* vals, const uint32_t* bits,
-                                    const uint32_t* prefix, int valid, int k_keep) {
+                                    const uint32_t* prefix, int valid, int stride) {
     uint32_t mine[4], src[4];
     const uint32_t base = smem_addr(vals);
 #pragma unroll
@@ -448,7 +480,7 @@ struct Decoder {
       int x;
       mine[k] = run_of<kCPTV>(bits + row * kWords, prefix[row], kCPTV * g, x);
       if (row >= valid) mine[k] = 0;
-      src[k] = base + KeptT::kBytes * (row * k_keep + x);
+      src[k] = base + row * stride + KeptT::kBytes * x;
     }
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
@@ -502,8 +534,9 @@ __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, cons
                                            int lane) {
   constexpr int kBits = Stage<D>::kBitsBytes;
   const long long bit_off = (long long)tile * (kBits / kTile);
-  stage_copy(st, kv + (long long)tile * (stage.k_bytes / kTile), stage.k_bytes, lane);
-  stage_copy(st + stage.k_bytes, vv + (long long)tile * (stage.v_bytes / kTile), stage.v_bytes, lane);
+  stage_rows(st, kv + (long long)tile * stage.k_row, stage.k_tile(), stage.k_row, stage.k_stride, lane);
+  stage_rows(st + stage.k_bytes(), vv + (long long)tile * stage.v_row, stage.v_tile(), stage.v_row, stage.v_stride,
+             lane);
   if (lane < kBits / 16) {
     cp_async16(st + stage.bits_offset() + lane * 16, kb + bit_off + lane * 16);
     cp_async16(st + stage.bits_offset() + kBits + lane * 16, vb + bit_off + lane * 16);
@@ -559,7 +592,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       __syncwarp();
       char* st = my_stages + (it % kStages) * stage.size();
       const char* kvals = st;
-      const char* vvals = st + stage.k_bytes;
+      const char* vvals = st + stage.k_bytes();
       const uint32_t* kbits = reinterpret_cast<const uint32_t*>(st + stage.bits_offset());
       const uint32_t* vbits = kbits + kTile * Stage<D>::kWords;
       uint32_t* prefix = reinterpret_cast<uint32_t*>(st + stage.prefix_offset());
@@ -570,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       const int valid = min(kTile, hi - tile);
       float s[NT][4];
       uint32_t pb[NT][2];
-      dec.scores_sparse(s, kvals, kbits, prefix, valid, p.k_keep, kscales);
+      dec.scores_sparse(s, kvals, kbits, prefix, valid, stage.k_stride, kscales);
       if (F8) {  // V scales of tokens g and g + 8; 0 past the count (rows there are not data: no NaN from them)
         const uint16_t* vscales = kscales + kTile;
         const float vscale[2] = {dec.g < valid ? to_float<T>(vscales[dec.g]) : 0.f,
@@ -579,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       } else {
         dec.softmax(s, tile, valid, pb);
       }
-      dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, p.v_keep);
+      dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, stage.v_stride);
       __syncwarp();
     }
   } else {
