@@ -70,6 +70,42 @@ def test_triton_decode_causal_queries_and_mask(q_len):
         assert _rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kept_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("window,max_rows", [(5, 8), (0, 8), (5, None)])
+def test_triton_decode_long_steps_run_in_pieces(monkeypatch, kept_dtype, window, max_rows):
+    """A step of more query rows per KV head than one launch holds (``MAX_ROWS``; a prefill chunk) runs as
+    launches over runs of queries, each seeing the tokens up to its last query (the store cut where the step
+    starts before the window ends): the reference's causal attention, with and without masks."""
+    import mustafar.launch.decode as launch_decode
+
+    if max_rows is not None:
+        monkeypatch.setattr(launch_decode, "MAX_ROWS", max_rows)
+    q_len = 11 if max_rows else launch_decode.MAX_ROWS // 3 + 2  # group 3: 33 or 132 rows
+    gen = torch.Generator().manual_seed(q_len + window)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    query = rand(2, 6, q_len, 64)
+    keys = compress(rand(2, 2, 30 if max_rows else q_len, 64), 0.5, kept_dtype=kept_dtype)
+    values = compress(rand(2, 2, keys.tokens, 64), 0.7, kept_dtype=kept_dtype)
+    kw, vw = (rand(2, 2, window, 64), rand(2, 2, window, 64)) if window else (None, None)
+    total = keys.tokens + window
+    launches = []
+    original = launch_decode.sparse_decode_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(launch_decode, "sparse_decode_kernel", Counting())
+    for mask in (None, torch.rand(2, 1, q_len, total, generator=gen).to(DEVICE) > 0.3,
+                 torch.randn(2, 6, 1, total, generator=gen).to(DEVICE)):
+        out = sparse_decode_attention(query, keys, values, kw, vw, backend="triton", attention_mask=mask)
+        ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch", attention_mask=mask)
+        assert out.shape == query.shape and _rel_err(out, ref) < TOL[torch.float32]
+    per_launch = max(1, launch_decode.MAX_ROWS // 3)
+    assert len(launches) == 3 * -(-q_len // per_launch) > 3
+
+
 @pytest.mark.parametrize("head_dim", [1, 7, 64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])

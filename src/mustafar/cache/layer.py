@@ -40,7 +40,6 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .._checks import check_positive_int, check_sparsity
 from ..attention import Link, held_mask, link_tensor
-from ..chunk_attention import chunk_attention
 from ..format import BitmapKV
 from ..fp8 import check_kept_dtype, is_fp8
 from ..model_support import check_attention_implementation, check_reader
@@ -51,12 +50,6 @@ from .rules import boundaries, crop_limit, pads_from_mask, prune_rows_prefix, qu
 __all__ = ["NO_OFFLOADING", "MustafarLayer"]
 
 #: Message of the ``NotImplementedError`` raised for offloading.
-#: Query rows per KV head (``q_heads // kv_heads * queries``) above which an attention step on a CUDA device
-#: decompresses the store and runs FlashAttention-2 over it (:func:`_expanded_attention`): the decode kernels
-#: are for short steps (the CUDA kernel takes 16 rows; the Triton kernel holds every row of a KV head in one
-#: program and ran out of shared memory on a 4096-token prefill chunk of an FP8 store on an H200, 540 KB asked).
-LONG_STEP_ROWS = 16
-
 NO_OFFLOADING = ("MustafarCache does not support offloading (Cache(offloading=True)); its compressed store already "
                  "holds a fraction of the dense bytes")
 
@@ -275,12 +268,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
                 block_query = query[:, :, start:stop]
                 block_mask = None if mask is None else mask[..., start:stop, :end] if mask.shape[-2] == n else \
                     mask[..., :end]
-            rows = query.shape[1] // stores[0].shape[1] * block_query.shape[2]
-            if rows > LONG_STEP_ROWS and block_mask is None and query.is_cuda and self.backend != "torch":
-                outputs.append(_expanded_attention(block_query, stores, window, scale))
-            else:
-                outputs.append(decode_attention_unchecked(block_query, *stores, *window, scale, self.backend,
-                                                          block_mask))
+            outputs.append(decode_attention_unchecked(block_query, *stores, *window, scale, self.backend, block_mask))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     # ------------------------------------------------------------------ sizes
@@ -376,16 +364,3 @@ def _first_tokens(store: BitmapKV, tokens: int) -> BitmapKV:
     view = copy.copy(store)
     view.truncate(tokens)
     return view
-
-
-def _expanded_attention(query: torch.Tensor, stores: tuple[BitmapKV, BitmapKV], window: tuple, scale: float):
-    """A long step (a prefill chunk) of ``query [b, q_heads, n, d]``: the stores decompressed (``[b, kv_heads,
-    stored, d]`` in the cache dtype) and the ``window`` tokens, causal attention of the last ``n`` positions by
-    :func:`~mustafar.chunk_attention.chunk_attention` (the same attention as the decode kernels; ``n`` at most
-    the tokens held). Returns ``[b, q_heads, n, d]``."""
-    keys, values = ([store.decompress()] if store.tokens else [] for store in stores)
-    if window[0] is not None:
-        keys.append(window[0])
-        values.append(window[1])
-    keys, values = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2) for parts in (keys, values))
-    return chunk_attention(query, keys.to(query.dtype), values.to(query.dtype), scale)

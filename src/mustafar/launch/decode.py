@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -16,6 +17,12 @@ BLOCK_N = 64
 #: Programs per multiprocessor the split heuristic aims for.
 PROGRAMS_PER_SM = 2
 _MIN_DOT = 16
+#: Query rows per KV head (``group * q_len``) one launch takes at most. A program holds all of them and its shared
+#: memory grows with them: compiled for sm_90 with head_dim 128 (Triton 3.9), 64 KB (fp16) / 96 KB (FP8) at 128
+#: rows, 400 / 432 KB at 1024, past the H200's 227 KB, which a 256-token step of the dynamic cache at GQA 4 asks
+#: for (an FP8 store's chunked prefill on an H200 failed so, 2026-12-03). Longer steps run as several launches,
+#: one per run of queries (:func:`_in_pieces`).
+MAX_ROWS = 128
 
 
 def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,6 +72,8 @@ def decode_attention_triton(
     The kernel indexes the last dimension of every operand with stride 1: operands whose rows are not
     contiguous are copied first (O(their size); the cache's own tensors never are).
     """
+    if query.shape[2] > 1 and (query.shape[1] // key_cache.shape[1]) * query.shape[2] > MAX_ROWS:
+        return _in_pieces(query, key_cache, value_cache, key_window, value_window, scale, attention_mask, num_splits)
     query, key_window, value_window = (_rows(t) for t in (query, key_window, value_window))
     key_values, key_bits = _rows(key_cache.values), _rows(key_cache.bitmaps)
     value_values, value_bits = _rows(value_cache.values), _rows(value_cache.bitmaps)
@@ -114,3 +123,38 @@ def decode_attention_triton(
             D=d, ROWS=rows, DP=next_pow2(d), BLOCK_S=min(64, next_pow2(parts)),
         )
     return out
+
+
+def _in_pieces(query, key_cache, value_cache, key_window, value_window, scale, attention_mask, num_splits):
+    """A step of more than :data:`MAX_ROWS` query rows per KV head as launches of at most that many.
+
+    Queries ``[s, e)`` of the step's ``q_len`` (the last ``q_len`` positions of ``n`` tokens held) see the first
+    ``n - q_len + e`` tokens: the pieces get the stores (first tokens, same buffers) and the window cut there, and
+    the mask's rows and columns, so each launch's causal rule (its queries are the last of what it holds) is the
+    step's. The output is the pieces' outputs in order, ``[batch, q_heads, q_len, head_dim]``.
+    """
+    b, hq, lq, _ = query.shape
+    n_comp = key_cache.tokens
+    n_win = 0 if key_window is None else key_window.shape[2]
+    total = n_comp + n_win
+    step = max(1, MAX_ROWS // (hq // key_cache.shape[1]))
+    mask = None if attention_mask is None else attention_mask.expand(b, hq, lq, total)
+    outputs = []
+    for start in range(0, lq, step):
+        stop = min(lq, start + step)
+        end = total - lq + stop
+        keys, values, kw, vw = key_cache, value_cache, key_window, value_window
+        if end < total:
+            if end >= n_comp:
+                kw, vw = key_window[:, :, :end - n_comp], value_window[:, :, :end - n_comp]
+            else:
+                keys, values = copy.copy(key_cache), copy.copy(value_cache)
+                keys.truncate(end)
+                values.truncate(end)
+                kw = vw = None
+        if kw is not None and kw.shape[2] == 0:
+            kw = vw = None
+        piece_mask = None if mask is None else mask[:, :, start:stop, :end]
+        outputs.append(decode_attention_triton(query[:, :, start:stop], keys, values, kw, vw, scale, piece_mask,
+                                               num_splits))
+    return torch.cat(outputs, dim=2)
