@@ -95,6 +95,22 @@ def test_predicted_memory_with_chunks_and_no_repeat_kv():
     assert whole["decode"] == 2 * 16 * dims["vocab"] * 4  # logits only: the fair dense decode repeats no K/V
 
 
+def test_predicted_memory_of_a_random_fill_has_no_prefill_activations():
+    """``--random-fill`` runs no forward pass: 24 x 32k dense in graph mode on the Llama-3-8B shape is its cache
+    (96 GiB) plus a chunk's random K and V, not a one-shot prefill's activations (which an H200 run skipped it
+    for: 177 GiB predicted, 2026-12-03); ``generate`` mode's DynamicCache also copies a layer while filling."""
+    dims = model_dims(build_config("llama3-8b"))
+    dense = mustafar.parse_setting("dense")
+    prefilled = predict_bytes(dims, dense, "graph", 24, 32768, 32, torch.float16)
+    filled = predict_bytes(dims, dense, "graph", 24, 32768, 32, torch.float16, random_fill=True)
+    assert filled["kv"] == prefilled["kv"] and prefilled["total"] > 170 * 2**30
+    chunk_states = 2 * 24 * dims["kv_heads"] * 32768 * dims["head_dim"] * 2
+    assert filled["prefill"] == 2 * chunk_states and filled["total"] < 105 * 2**30  # 96.1 GiB of KV + 6 GiB
+    eager = predict_bytes(dims, dense, "generate", 24, 32768, 32, torch.float16, random_fill=True, chunk=4096)
+    layer_kv = 2 * 24 * dims["kv_heads"] * (32768 + 32) * dims["head_dim"] * 2
+    assert eager["prefill"] == 2 * chunk_states // 8 + 2 * layer_kv
+
+
 def test_capacity_probes_prefill_in_chunks(model, monkeypatch):
     from mustafar.bench import capacity
 

@@ -72,7 +72,7 @@ def _activation_bytes_per_token(dims: dict, itemsize: int) -> int:
 
 def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, prompt: int, new_tokens: int,
                   dtype: torch.dtype = torch.float16, prefill_batch: int | None = None,
-                  chunk: int | None = None) -> dict:
+                  chunk: int | None = None, random_fill: bool = False) -> dict:
     """Predicted peak bytes of a case beyond the weights: ``{"kv", "prefill", "decode", "total"}``.
 
     ``total = kv + max(prefill, decode)``: the full cache, plus the larger of the
@@ -86,6 +86,9 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
         prefill_batch: sequences prefilled at once (None: ``batch``); the capacity search's
             one-sequence prefill passes 1.
         chunk: prefill chunk in tokens (None: the whole prompt at once).
+        random_fill: the cache is filled with random K and V (``mustafar bench --random-fill``), no forward
+            pass: the "prefill" term is then the fill's transients (each chunk's random K and V and the
+            update's copies; a ``DynamicCache`` concatenates the layer), not the model's activations.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     tokens = prompt + new_tokens
@@ -94,6 +97,10 @@ def predict_bytes(dims: dict, setting: SparsityConfig, mode: str, batch: int, pr
     layer_kv = 2 * batch * dims["kv_heads"] * tokens * dims["head_dim"] * itemsize
     logits = 2 * batch * dims["vocab"] * _FP32_BYTES
     step = prompt if chunk is None else min(chunk, prompt)
+    if random_fill:
+        chunk_states = 2 * batch * dims["kv_heads"] * step * dims["head_dim"] * itemsize  # random K and V
+        prefill = 2 * chunk_states + (0 if mode == "graph" else 2 * layer_kv)
+        return {"kv": kv, "prefill": prefill, "decode": logits, "total": kv + max(prefill, logits)}
     prefill = rows * step * _activation_bytes_per_token(dims, itemsize) + logits
     if step < prompt and mode == "graph":  # static caches: the chunk's states, the sparse history in row groups
         prefill += 4 * rows * dims["kv_heads"] * step * dims["head_dim"] * itemsize

@@ -78,7 +78,8 @@ def _skip(row: dict, reason: str) -> dict:
 def _fits(ctx: _Context, row: dict, setting) -> str | None:
     """The reason a case cannot run, or None."""
     predicted = predict_bytes(ctx.dims, setting, row["mode"], row["batch"], row["prompt"],
-                              ctx.config.new_tokens, ctx.model.dtype, chunk=ctx.config.prefill_chunk)["total"]
+                              ctx.config.new_tokens, ctx.model.dtype, chunk=ctx.config.prefill_chunk,
+                              random_fill=ctx.config.random_fill)["total"]
     row["predicted_bytes"] = predicted
     available = ctx.available_bytes()
     row["available_bytes"] = available
