@@ -31,6 +31,10 @@ Steps (run in the order given; a failing step is reported and the next ones stil
   - ``ttft-fair``: time to first token with real prefills in chunks of 4096 at 16 x 32k (and their decode rows).
   - ``capacity-fair``: capacity at a 32k prompt in an 80 GiB budget (weights included), dense and K0.7V0.7,
     real batch prefills in chunks of 512, the search starting at the memory model's prediction.
+- ``fp8-fused-tests``: with ``MUSTAFAR_FUSED_FP8=1``, the fused FP8 bookkeeping, the Triton FP8 decompression
+  and compress, and the Triton decode's long steps in pieces (checks left open on 2026-12-03).
+- ``capacity-fp8``: capacity at a 32k prompt in 80 GiB, generate mode, dense / K0.7V0.7 / K0.7V0.7-fp8, one
+  sequence prefilled in chunks of 4096 and repeated (issue 15's capacity target).
 - ``memcheck``, ``racecheck``: ``compute-sanitizer`` over ``benchmarks/sanitize_case.py``.
 - ``tp``, ``device-map``: the 2-GPU runs of ``benchmarks/multi_gpu.py`` (``--multi-gpu-args``; NVLink
   multicast off).
@@ -150,6 +154,18 @@ STEPS = {
                                      "--modes", "graph", "--settings", "dense,K0.7V0.7", "--prompts", "32768",
                                      "--budget-gib", "80", "--prefill-chunk", FAIR_CAPACITY_CHUNK, "--out",
                                      str(a.out / "capacity_fair")], 150),
+    # Issue 15's open GPU checks (2026-12-03, fourth session): the fused FP8 bookkeeping and Triton decompression
+    # after the -0 sign and scale-division fixes (then remove the MUSTAFAR_FUSED_FP8 gate), the Triton decode's
+    # long steps in pieces (MAX_ROWS), and the FP8 capacity search that those long steps stopped.
+    "fp8-fused-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=short",
+                                       "tests/test_fused_bookkeeping.py", "tests/test_gpu_compress_fp8.py",
+                                       "tests/test_kernels.py", "-k", "fp8 or pieces or bookkeeping"], 300,
+                            (("MUSTAFAR_FUSED_FP8", "1"),)),
+    "capacity-fp8": Step(lambda a: [PYTHON, "-m", "mustafar", "bench", "--capacity", "--shape", "llama3-8b",
+                                    "--modes", "generate", "--prompts", "32768", "--budget-gib", "80",
+                                    "--prefill-chunk", "4096", "--capacity-prefill", "one", "--settings",
+                                    "dense,K0.7V0.7,K0.7V0.7-fp8", "--out", str(a.out / "capacity_fp8")], 400,
+                         (("MUSTAFAR_FUSED_FP8", "1"),)),
     "memcheck": Step(_sanitizer("memcheck"), 120),
     "racecheck": Step(_sanitizer("racecheck"), 300),
     "tp": Step(lambda a: [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
