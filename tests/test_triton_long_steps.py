@@ -174,3 +174,22 @@ def test_long_step_pieces_with_num_splits(monkeypatch, num_splits):
     ref = sparse_decode_attention(query, keys, values, kw, vw, scale=0.25, backend="torch")
     assert _rel_err(out, ref) < TOL[torch.float32]
     assert keys.tokens == values.tokens == 70
+
+
+@pytest.mark.skipif(FP8 is None, reason="needs torch.float8_e4m3fn")
+@pytest.mark.parametrize("case", ["empty_window", "empty_fp8_store", "fp8_keys_fp16_values"])
+def test_long_step_pieces_of_empty_operands_and_mixed_kept_dtypes(monkeypatch, case):
+    """A zero-length window tensor, an empty FP8 store before a window, FP8 keys with cache-dtype values."""
+    monkeypatch.setattr(launch_decode, "MAX_ROWS", 4)
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.float32 if case == "empty_window" else torch.float16
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    n_comp, window = {"empty_window": (10, 0), "empty_fp8_store": (0, 9), "fp8_keys_fp16_values": (10, 2)}[case]
+    keys = compress(rand(2, 1, n_comp, 16), 0.5, kept_dtype=None if case == "empty_window" else FP8)
+    values = compress(rand(2, 1, n_comp, 16), 0.25, kept_dtype=FP8 if case == "empty_fp8_store" else None)
+    kw, vw = rand(2, 1, window, 16), rand(2, 1, window, 16)
+    query = rand(2, 2, 7, 16)
+    out = sparse_decode_attention(query, keys, values, kw, vw, backend="triton")
+    ref = sparse_decode_attention(query, keys, values, kw, vw, backend="torch")
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < TOL[dtype]
+    assert keys.tokens == values.tokens == n_comp
