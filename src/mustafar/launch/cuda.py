@@ -105,8 +105,6 @@ def ctas_per_sm(bf16: bool, head_dim: int, rows: int, masked: bool, k_keep: int,
     return max(1, load_extension().occupancy(bf16, head_dim, rows, masked, k_keep, v_keep, fp8))
 
 
-
-
 def decode_attention_cuda(
     query: torch.Tensor,
     key_cache: BitmapKV,
