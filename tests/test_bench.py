@@ -234,6 +234,23 @@ def test_cli_bench(tmp_path):
     assert bad.exit_code != 0 and "batches" in bad.output
 
 
+def test_cli_bench_model_too_large_is_one_line(tmp_path, monkeypatch):
+    """``mustafar bench --quick`` on a CPU: the 8 B-parameter shape does not fit, and the CLI says so in one line
+    (exit 1), not a traceback."""
+    from typer.testing import CliRunner
+
+    import mustafar.bench.models as bench_models
+    from mustafar.cli import app
+
+    def too_large(config, dtype, device):
+        raise MemoryError("the 8.03 B-parameter model needs 29.9 GiB of weights: use a smaller --shape")
+
+    monkeypatch.setattr(bench_models, "_check_weights_fit", too_large)
+    result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("mustafar bench: the 8.03 B-parameter model needs")
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_capacity_probe_one_sequence_prefill_repeats_the_cache(model, setting, monkeypatch):
     """``prefill="one"``: one prefilled sequence, its cache repeated to the batch, then decode at the batch."""

@@ -126,3 +126,10 @@ def test_setting_names_are_ascii():
             mustafar.parse_setting(name)
     with pytest.raises(TypeError, match="method"):
         mustafar.SparsityConfig(0.5, 0.5, method=["per-token"])
+
+
+@pytest.mark.parametrize("name,bad", [("K0.5V05", "value_sparsity"), ("K5V0.5", "key_sparsity"), ("K1V0", "key")])
+def test_out_of_range_setting_names_the_setting_and_its_form(name, bad):
+    """A missing dot ('K0.5V05') reads as sparsity 5: the error names the setting as written and its form."""
+    with pytest.raises(ValueError, match=rf"setting '{name}': {bad}.*settings look like 'K0.5V0.5'"):
+        parse_setting(name)

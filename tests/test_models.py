@@ -213,3 +213,21 @@ def test_a_missing_local_path_says_so(name):
     """Was: Hugging Face's "Repo id must be in the form 'repo_name'" for a path that does not exist."""
     with pytest.raises(FileNotFoundError, match=r"name_or_path: no such file or directory"):
         mustafar.load_model(name)
+
+
+def test_converted_copy_is_keyed_by_contents_not_path(tmp_path):
+    """Two installs of the same GGUF (other paths, other mtimes) share one converted copy; other bytes do not."""
+    import os
+
+    from mustafar.models import _gguf_cache_key
+
+    data = bytes(range(256)) * 9000  # 2.3 MB: both ends are read
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(second, (1, 1))
+    assert _gguf_cache_key(first) == _gguf_cache_key(second)
+    second.write_bytes(data[:-1] + b"x")
+    assert _gguf_cache_key(first) != _gguf_cache_key(second)
+    assert _gguf_cache_key(first).startswith("model-")

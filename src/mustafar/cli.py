@@ -388,4 +388,8 @@ def bench(
             require_torchao()
         except ImportError as error:
             raise typer.BadParameter(str(error), param_hint="'--weights'") from error
-    run_bench(config, out=out, log=lambda line: console.print(line, markup=False, highlight=False))
+    try:
+        run_bench(config, out=out, log=lambda line: console.print(line, markup=False, highlight=False))
+    except MemoryError as error:  # the model's weights alone exceed the device (bench.models.build_model)
+        console.print(f"mustafar bench: {error}", markup=False, highlight=False)
+        raise typer.Exit(1) from error

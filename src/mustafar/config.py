@@ -117,7 +117,11 @@ def parse_setting(name: str, **overrides) -> SparsityConfig:
     match = _NAME.match(text)
     if match is None:
         raise ValueError(f"setting must look like 'K0.5V0.5', 'K0.5V0.5-fp8' or 'dense', got {name!r}")
-    return SparsityConfig(float(match["k"]), float(match["v"]), **overrides)
+    try:
+        return SparsityConfig(float(match["k"]), float(match["v"]), **overrides)
+    except ValueError as error:  # e.g. 'K0.5V05' (a missing dot): name the setting and its form
+        raise ValueError(f"setting {name!r}: {error} (settings look like 'K0.5V0.5': sparsities in [0, 1) "
+                         f"after K and V)") from error
 
 
 #: Named settings used by the command line and the benchmarks.
