@@ -268,6 +268,16 @@ def test_empty_store():
     assert "BitmapKV(shape=(1, 2, 0, 64)" in repr(store)
 
 
+def test_first_tokens_is_a_view_that_leaves_the_store_alone():
+    x = randn((2, 2, 10, 64), seed=14)
+    kv = mustafar.compress(x, 0.7)
+    head = kv.first_tokens(4)
+    assert head.tokens == 4 and kv.tokens == 10 and head.values.data_ptr() == kv.values.data_ptr()
+    assert torch.equal(head.decompress(), kv.decompress()[:, :, :4])
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, 10\], got 11"):
+        kv.first_tokens(11)
+
+
 def test_truncate_then_append():
     x = randn((2, 2, 20, 64), seed=13)
     kv = mustafar.compress(x[:, :, :10], 0.7)

@@ -37,6 +37,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ._checks import CACHE_DTYPES, check_head_dim, check_positive_int, check_sparsity, check_tensor
@@ -387,6 +389,17 @@ class BitmapKV:
         if not 0 <= tokens <= self._tokens:
             raise ValueError(f"tokens must be in [0, {self._tokens}], got {tokens}")
         self._tokens = tokens
+
+    def first_tokens(self, tokens: int) -> "BitmapKV":
+        """A view of this store's first ``tokens`` tokens: same buffers (``[batch, kv_heads, tokens, head_dim]``
+        as a store), this store unchanged.
+
+        Raises:
+            ValueError: ``tokens`` outside ``[0, self.tokens]``.
+        """
+        view = copy.copy(self)
+        view.truncate(tokens)
+        return view
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) the batch rows in ``index`` (beam search, batch selection).

@@ -31,7 +31,6 @@ change that:
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 
@@ -251,7 +250,7 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         fp8 = is_fp8(self.kept_dtype)  # window tokens pruned on the fly read what the FP8 store would hold
         if len(blocks) > 1 and self._before_eviction is not None:  # the store as it was before this step
             stored, key, value = self._before_eviction
-            stores = tuple(_first_tokens(store, stored) for store in stores)
+            stores = tuple(store.first_tokens(stored) for store in stores)
         self._before_eviction = None
         outputs = []
         for start, stop in blocks:
@@ -357,10 +356,3 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
 
 def _held_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _first_tokens(store: BitmapKV, tokens: int) -> BitmapKV:
-    """A view of the first ``tokens`` of ``store`` (same buffers; the store itself is not changed)."""
-    view = copy.copy(store)
-    view.truncate(tokens)
-    return view

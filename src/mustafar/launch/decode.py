@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -72,6 +71,7 @@ def decode_attention_triton(
     The kernel indexes the last dimension of every operand with stride 1: operands whose rows are not
     contiguous are copied first (O(their size); the cache's own tensors never are).
     """
+    # one query is never split further (a group above MAX_ROWS runs as it is)
     if query.shape[2] > 1 and (query.shape[1] // key_cache.shape[1]) * query.shape[2] > MAX_ROWS:
         return _in_pieces(query, key_cache, value_cache, key_window, value_window, scale, attention_mask, num_splits)
     query, key_window, value_window = (_rows(t) for t in (query, key_window, value_window))
@@ -148,9 +148,7 @@ def _in_pieces(query, key_cache, value_cache, key_window, value_window, scale, a
             if end >= n_comp:
                 kw, vw = key_window[:, :, :end - n_comp], value_window[:, :, :end - n_comp]
             else:
-                keys, values = copy.copy(key_cache), copy.copy(value_cache)
-                keys.truncate(end)
-                values.truncate(end)
+                keys, values = key_cache.first_tokens(end), value_cache.first_tokens(end)
                 kw = vw = None
         if kw is not None and kw.shape[2] == 0:
             kw = vw = None
