@@ -31,10 +31,12 @@ Steps (run in the order given; a failing step is reported and the next ones stil
   - ``ttft-fair``: time to first token with real prefills in chunks of 4096 at 16 x 32k (and their decode rows).
   - ``capacity-fair``: capacity at a 32k prompt in an 80 GiB budget (weights included), dense and K0.7V0.7,
     real batch prefills in chunks of 512, the search starting at the memory model's prediction.
-- ``fp8-fused-tests``: with ``MUSTAFAR_FUSED_FP8=1``, the fused FP8 bookkeeping, the Triton FP8 decompression
-  and compress, and the Triton decode's long steps in pieces (checks left open on 2026-12-03).
-- ``capacity-fp8``: capacity at a 32k prompt in 80 GiB, generate mode, dense / K0.7V0.7 / K0.7V0.7-fp8, one
-  sequence prefilled in chunks of 4096 and repeated (issue 15's capacity target).
+- ``fp8-fused-tests``: the fused FP8 bookkeeping, the Triton FP8 decompression and compress, and the Triton
+  decode's long steps in pieces (a test running past 60 s dumps its Python stack into the log).
+- ``pieces-tests``: the Triton decode's long steps in pieces alone, one line per test (on 2026-12-03 one of
+  them ran past the ``fp8-fused-tests`` limit; this step says which, and where it waits).
+- ``capacity-fp8``: capacity at a 32k prompt in 80 GiB, generate mode, ``--capacity-fp8-settings`` (default
+  dense / K0.7V0.7 / K0.7V0.7-fp8), one sequence prefilled in chunks of 4096 and repeated (issue 15's target).
 - ``memcheck``, ``racecheck``: ``compute-sanitizer`` over ``benchmarks/sanitize_case.py``.
 - ``tp``, ``device-map``: the 2-GPU runs of ``benchmarks/multi_gpu.py`` (``--multi-gpu-args``; NVLink
   multicast off).
@@ -154,18 +156,21 @@ STEPS = {
                                      "--modes", "graph", "--settings", "dense,K0.7V0.7", "--prompts", "32768",
                                      "--budget-gib", "80", "--prefill-chunk", FAIR_CAPACITY_CHUNK, "--out",
                                      str(a.out / "capacity_fair")], 150),
-    # Issue 15's open GPU checks (2026-12-03, fourth session): the fused FP8 bookkeeping and Triton decompression
-    # after the -0 sign and scale-division fixes (then remove the MUSTAFAR_FUSED_FP8 gate), the Triton decode's
-    # long steps in pieces (MAX_ROWS), and the FP8 capacity search that those long steps stopped.
+    # Issue 15's GPU checks: the fused FP8 bookkeeping and Triton decompression (passed 2026-12-03, fifth
+    # session: the MUSTAFAR_FUSED_FP8 gate removed), the Triton decode's long steps in pieces (MAX_ROWS), and the
+    # FP8 capacity search that those long steps stopped.
     "fp8-fused-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=short",
+                                       "-o", "faulthandler_timeout=60", "--durations=10",
                                        "tests/test_fused_bookkeeping.py", "tests/test_gpu_compress_fp8.py",
-                                       "tests/test_kernels.py", "-k", "fp8 or pieces or bookkeeping"], 300,
-                            (("MUSTAFAR_FUSED_FP8", "1"),)),
+                                       "tests/test_kernels.py", "-k", "fp8 or pieces or bookkeeping"], 300),
+    "pieces-tests": Step(lambda a: [PYTHON, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rf", "--tb=short",
+                                    "-o", "faulthandler_timeout=40", "--durations=0",
+                                    "tests/test_kernels.py::test_triton_decode_long_steps_run_in_pieces",
+                                    "tests/test_triton_long_steps.py"], 200),
     "capacity-fp8": Step(lambda a: [PYTHON, "-m", "mustafar", "bench", "--capacity", "--shape", "llama3-8b",
                                     "--modes", "generate", "--prompts", "32768", "--budget-gib", "80",
                                     "--prefill-chunk", "4096", "--capacity-prefill", "one", "--settings",
-                                    "dense,K0.7V0.7,K0.7V0.7-fp8", "--out", str(a.out / "capacity_fp8")], 400,
-                         (("MUSTAFAR_FUSED_FP8", "1"),)),
+                                    a.capacity_fp8_settings, "--out", str(a.out / "capacity_fp8")], 400),
     "memcheck": Step(_sanitizer("memcheck"), 120),
     "racecheck": Step(_sanitizer("racecheck"), 300),
     "tp": Step(lambda a: [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -192,6 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bench-args", default="--quick", help="arguments of `mustafar bench` (default: --quick)")
     parser.add_argument("--capacity-args", default="--prompts 32768 --modes generate --settings "
                         "dense,K0.5V0.5,K0.7V0.7 --budget-gib 80", help="arguments of `mustafar bench --capacity`")
+    parser.add_argument("--capacity-fp8-settings", default="dense,K0.7V0.7,K0.7V0.7-fp8",
+                        help="settings of the capacity-fp8 step")
     parser.add_argument("--fair-settings", default="dense,K0.7V0.7,K0.5V0.5",
                         help="settings of the e2e-fair and ttft-fair steps")
     parser.add_argument("--long-steps", type=int, default=20000, help="decode steps of the long run")

@@ -240,6 +240,17 @@ def test_capacity_grows_geometrically():
     assert torch.equal(store.decompress(), mustafar.prune_per_token(x, 0.7))
 
 
+def test_a_long_store_grows_by_at_most_growth_max_tokens():
+    """A 32k-token store (a long prompt) that starts decoding grows by 1024 tokens, not by 25 % (8k tokens)."""
+    store = BitmapKV.empty(2, 1, 8, 0.5, dtype=torch.float16, capacity=32768)
+    store.append(randn((2, 1, 32768, 8), seed=12, dtype=torch.float16))
+    assert store.capacity == 32768
+    store.append(randn((2, 1, 1, 8), seed=13, dtype=torch.float16))
+    assert store.capacity == 32768 + mustafar.format.GROWTH_MAX_TOKENS == 33792
+    store.reserve(40000)  # a request past one step is met exactly (rounded to the granule)
+    assert store.capacity == 40000 and store.tokens == 32769
+
+
 def test_reserve_keeps_contents():
     x = randn((1, 1, 10, 96), seed=10)
     kv = mustafar.compress(x, 0.5)

@@ -320,10 +320,11 @@ def test_triton_fp8_compress_of_subnormal_bf16_equals_the_reference():
         assert torch.equal(_bits(a), _bits(b))
 
 
-@pytest.mark.parametrize("device_type,env,expected", [("cuda", None, False), ("cuda", "1", True), ("cpu", None, True)])
-def test_fp8_stores_on_cuda_take_the_fused_launch_only_when_asked(monkeypatch, device_type, env, expected):
-    """The FP8 form of the fused kernel is verified under the interpreter only: on a CUDA device FP8 stores keep
-    the (GPU-verified) unfused ops unless MUSTAFAR_FUSED_FP8=1; cache-dtype stores are unaffected."""
+@pytest.mark.parametrize("device_type,env,expected", [("cuda", None, True), ("cuda", "1", True), ("cuda", "0", False),
+                                                     ("cpu", "0", True), ("cpu", None, True)])
+def test_fp8_stores_on_cuda_take_the_fused_launch_unless_switched_off(monkeypatch, device_type, env, expected):
+    """FP8 stores take the fused launch like cache-dtype stores; MUSTAFAR_FUSED_FP8=0 keeps those on a CUDA
+    device on the unfused ops (for bisecting); cache-dtype stores are unaffected by it."""
     from types import SimpleNamespace
 
     from mustafar.cache.static_steps import FUSED_FP8_ENV, StaticSteps
@@ -434,8 +435,8 @@ def test_expand_triton_checks_scales():
 def test_static_cache_fp8_chunked_prefill_triton_equals_torch(monkeypatch):
     """A tiny Llama prefilling in chunks into ``StaticMustafarCache(kept_dtype=FP8, backend="triton")``: each
     chunk's history decompressed by the Triton kernel gives the logits of the PyTorch decompression
-    (``MUSTAFAR_FUSED_BOOKKEEPING=0``), exactly; then a few decode steps. On a GPU with ``MUSTAFAR_FUSED_FP8=1``
-    (set here), so that it verifies the compiled kernel."""
+    (``MUSTAFAR_FUSED_BOOKKEEPING=0``), exactly; then a few decode steps. On a GPU it verifies the compiled
+    kernel (``MUSTAFAR_FUSED_FP8=1`` set here, in case the environment switched it off)."""
     import mustafar
     import mustafar.launch.expand as launch_expand
     from mustafar.cache.static import FUSED_ENV

@@ -33,11 +33,10 @@ CHUNK_GROUP_BYTES = 512 * 2**20
 #: Environment variable: ``0`` turns the fused Triton bookkeeping (and the Triton decompression of chunked
 #: prefills) off, for the unfused ops (a fallback; both give the same bits).
 FUSED_ENV = "MUSTAFAR_FUSED_BOOKKEEPING"
-#: Environment variable: ``1`` lets FP8 stores on CUDA devices take the fused launch too, and the Triton
-#: decompression of the store in chunked prefills (:func:`_expand_into`). Their FP8 forms are verified
-#: bit-exact against the unfused ops / :func:`mustafar.format.expand_store` under the Triton interpreter only
-#: (2026-12-03); until a GPU run verifies them, FP8 stores on CUDA take the unfused ops and the PyTorch
-#: decompression (GPU-verified) unless this is set.
+#: Environment variable: ``0`` keeps FP8 stores on CUDA devices on the unfused ops and the PyTorch
+#: decompression of chunked prefills (:func:`_expand_into`) while cache-dtype stores stay fused. The fused FP8
+#: forms are bit-exact against those ops on an H200 (``tests/test_fused_bookkeeping.py``, 2026-12-03, fifth
+#: session) and under the Triton interpreter; the switch is for bisecting, like :data:`FUSED_ENV`.
 FUSED_FP8_ENV = "MUSTAFAR_FUSED_FP8"
 
 
@@ -49,8 +48,9 @@ class StaticSteps:
         """Whether a decode step's bookkeeping is the one fused Triton launch (CUDA or the Triton interpreter).
 
         Kept values in the cache dtype or FP8 (e4m3 bits and per-token scales, written as the unfused
-        ops write them) alike; FP8 stores on a CUDA device only with ``MUSTAFAR_FUSED_FP8=1``
-        (:data:`FUSED_FP8_ENV`). It also picks the Triton decompression of a chunked prefill's store.
+        ops write them) alike, unless ``MUSTAFAR_FUSED_BOOKKEEPING=0`` (:data:`FUSED_ENV`), or for FP8 stores on
+        a CUDA device ``MUSTAFAR_FUSED_FP8=0`` (:data:`FUSED_FP8_ENV`). It also picks the Triton decompression of
+        a chunked prefill's store.
         """
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
@@ -58,7 +58,7 @@ class StaticSteps:
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
         allowed = os.environ.get(FUSED_ENV, "1") != "0"
         if is_fp8(self.kept_dtype) and self.device.type == "cuda":
-            allowed = allowed and os.environ.get(FUSED_FP8_ENV) == "1"
+            allowed = allowed and os.environ.get(FUSED_FP8_ENV, "1") != "0"
         return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
@@ -167,8 +167,8 @@ def _expand_into(values: torch.Tensor, bitmaps: torch.Tensor, out: torch.Tensor,
     else :func:`mustafar.format.expand_store`; bit-identical.
 
     FP8 kept values (``float8_e4m3fn``, with their ``scales [rows, h, stored]`` in ``out``'s dtype) take the
-    Triton kernel too; on a CUDA device ``fused`` is false for FP8 stores unless ``MUSTAFAR_FUSED_FP8=1``
-    (:data:`FUSED_FP8_ENV`), so this decompression then runs the reference.
+    Triton kernel too, unless ``MUSTAFAR_FUSED_FP8=0`` (:data:`FUSED_FP8_ENV`) on a CUDA device, when this
+    decompression runs the reference.
     """
     if out.shape[2] == 0:
         return
