@@ -37,6 +37,8 @@ Steps (run in the order given; a failing step is reported and the next ones stil
   them ran past the ``fp8-fused-tests`` limit; this step says which, and where it waits).
 - ``capacity-fp8``: capacity at a 32k prompt in 80 GiB, generate mode, ``--capacity-fp8-settings`` (default
   dense / K0.7V0.7 / K0.7V0.7-fp8), one sequence prefilled in chunks of 4096 and repeated (issue 15's target).
+- ``bookkeeping-probe``: ``benchmarks/probes/bookkeeping_latency.py``, the fused bookkeeping launch's latency
+  with other launch shapes (issue 14's batch-1 gap; written 2026-12-03 after the device time was spent).
 - ``memcheck``, ``racecheck``: ``compute-sanitizer`` over ``benchmarks/sanitize_case.py``.
 - ``tp``, ``device-map``: the 2-GPU runs of ``benchmarks/multi_gpu.py`` (``--multi-gpu-args``; NVLink
   multicast off).
@@ -171,6 +173,7 @@ STEPS = {
                                     "--modes", "generate", "--prompts", "32768", "--budget-gib", "80",
                                     "--prefill-chunk", "4096", "--capacity-prefill", "one", "--settings",
                                     a.capacity_fp8_settings, "--out", str(a.out / "capacity_fp8")], 400),
+    "bookkeeping-probe": Step(lambda a: [PYTHON, "benchmarks/probes/bookkeeping_latency.py", "--out", str(a.out)], 200),
     "memcheck": Step(_sanitizer("memcheck"), 120),
     "racecheck": Step(_sanitizer("racecheck"), 300),
     "tp": Step(lambda a: [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

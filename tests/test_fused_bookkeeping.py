@@ -479,3 +479,19 @@ def test_static_cache_fp8_chunked_prefill_triton_equals_torch(monkeypatch):
     assert calls and all(calls)  # only the fused run took the kernel, always with FP8 values and scales
     for step, (a, b) in enumerate(zip(runs[False], runs[True])):
         assert torch.equal(a, b), f"logits differ at step {step}"
+
+
+@pytest.mark.parametrize("kept_dtype", [None, FP8])
+@pytest.mark.parametrize("batch,kv_heads,head_dim", [(1, 8, 128), (3, 2, 64)])
+def test_launch_shapes_of_the_bookkeeping_probe_write_what_the_launcher_writes(kept_dtype, batch, kv_heads, head_dim):
+    """``benchmarks/probes/bookkeeping_latency.py`` times the kernel with other rows per program, warps and K/V in
+    two grid columns (``KV_SPLIT``); each must write the launcher's bytes (two evictions, rings, length)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "probes" / "bookkeeping_latency.py"
+    spec = importlib.util.spec_from_file_location("bookkeeping_latency", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    same = probe.check(batch, kv_heads, head_dim, 8, 40, 0.7, torch.float16, kept_dtype, DEVICE)
+    assert len(same) == len(probe.VARIANTS) and all(same.values()), same

@@ -63,11 +63,13 @@ def bookkeeping_kernel(
     V_VALS, s_vvb, s_vvh, s_vvt, V_BITS, s_vbb, s_vbh, s_vbt, V_SCALES, s_vsb, s_vsh, s_vst,
     LENGTH, COUNTER, kv_heads, n_rows, window, capacity, k_keep_k, k_keep_v,
     D: tl.constexpr, DP: tl.constexpr, NW32: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
-    ADVANCE: tl.constexpr, KEPT_FP8: tl.constexpr = False, TINY: tl.constexpr = 0.0,
+    ADVANCE: tl.constexpr, KEPT_FP8: tl.constexpr = False, TINY: tl.constexpr = 0.0, KV_SPLIT: tl.constexpr = 0,
 ):
     """``BLOCK_R`` (batch, KV head) rows per program; row ``r`` is (``r // kv_heads``, ``r % kv_heads``).
 
     ``KEPT_FP8``: FP8 stores (``*_VALS`` uint8, ``*_SCALES`` the scales); else the scale arguments are unused.
+    ``KV_SPLIT`` 1: a grid of two columns, K in column 0 and V in column 1 (half the serial work per program;
+    ``benchmarks/probes/bookkeeping_latency.py`` times it); 0: one column doing K then V.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -80,14 +82,17 @@ def bookkeeping_kernel(
     store_row = tl.where(evict, store_row, 0).to(tl.int32)  # masked off where not evicting
     # as a block of rows (the interpreter cannot mask with a scalar bool combined with a block)
     active = (tl.zeros([BLOCK_R], tl.int32) + evict.to(tl.int32)) != 0
-    _evict_and_write(K_RING, s_krb, s_krh, s_krt, K_NEW, s_knb, s_knh, K_VALS, s_kvb, s_kvh, s_kvt,
-                     K_BITS, s_kbb, s_kbh, s_kbt, K_SCALES, s_ksb, s_ksh, s_kst, b, h, row_ok, slot, store_row,
-                     active, k_keep_k, D, DP, NW32, KEY_BITS, KEPT_FP8, TINY)
-    _evict_and_write(V_RING, s_vrb, s_vrh, s_vrt, V_NEW, s_vnb, s_vnh, V_VALS, s_vvb, s_vvh, s_vvt,
-                     V_BITS, s_vbb, s_vbh, s_vbt, V_SCALES, s_vsb, s_vsh, s_vst, b, h, row_ok, slot, store_row,
-                     active, k_keep_v, D, DP, NW32, KEY_BITS, KEPT_FP8, TINY)
+    side = tl.program_id(1) * KV_SPLIT  # 0 in a one-column grid
+    if side == 0:
+        _evict_and_write(K_RING, s_krb, s_krh, s_krt, K_NEW, s_knb, s_knh, K_VALS, s_kvb, s_kvh, s_kvt,
+                         K_BITS, s_kbb, s_kbh, s_kbt, K_SCALES, s_ksb, s_ksh, s_kst, b, h, row_ok, slot, store_row,
+                         active, k_keep_k, D, DP, NW32, KEY_BITS, KEPT_FP8, TINY)
+    if side == KV_SPLIT:
+        _evict_and_write(V_RING, s_vrb, s_vrh, s_vrt, V_NEW, s_vnb, s_vnh, V_VALS, s_vvb, s_vvh, s_vvt,
+                         V_BITS, s_vbb, s_vbh, s_vbt, V_SCALES, s_vsb, s_vsh, s_vst, b, h, row_ok, slot, store_row,
+                         active, k_keep_v, D, DP, NW32, KEY_BITS, KEPT_FP8, TINY)
     if ADVANCE:
         done = tl.atomic_add(COUNTER, 1)
-        last = done == tl.num_programs(0) - 1
+        last = done == tl.num_programs(0) * tl.num_programs(1) - 1
         tl.store(LENGTH, length + 1, mask=last)
         tl.store(COUNTER, 0, mask=last)

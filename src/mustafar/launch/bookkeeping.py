@@ -65,6 +65,20 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
             raise ValueError(f"key_store and value_store must both hold FP8 or both cache-dtype kept values, with "
                              f"the ring's dtype {key_ring.dtype}; got {name} of {store.dtype}, kept "
                              f"{store.kept_dtype}, and key_store kept {key_store.kept_dtype}")
+    rows, args, constexprs = bookkeeping_args(key_states, value_states, key_ring, value_ring, key_store, value_store,
+                                              length, counter, advance)
+    block = min(BLOCK_ROWS, next_pow2(rows))
+    with on_device(key_ring):
+        bookkeeping_kernel[(cdiv(rows, block),)](*args, **constexprs, BLOCK_R=block, num_warps=4)
+
+
+def bookkeeping_args(key_states, value_states, key_ring, value_ring, key_store, value_store, length, counter,
+                     advance):
+    """``(rows, args, constexprs)`` of :func:`~mustafar.kernels.bookkeeping.bookkeeping_kernel` for the operands
+    of :func:`fused_bookkeeping` (checked there): the launch without ``BLOCK_R`` and the grid, which
+    ``benchmarks/probes/bookkeeping_latency.py`` varies."""
+    b, h, w, d = key_ring.shape
+    fp8 = key_store.is_fp8
     k_vals, k_bits = key_store.storage
     v_vals, v_bits = value_store.storage
     k_bits, v_bits = k_bits.view(torch.int32), v_bits.view(torch.int32)
@@ -75,17 +89,13 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
     else:
         k_scale_args = v_scale_args = (key_ring, 0, 0, 0)  # unused
     rows = b * h
-    block = min(BLOCK_ROWS, next_pow2(rows))
-    with on_device(key_ring):
-        bookkeeping_kernel[(cdiv(rows, block),)](
-            key_ring, *key_ring.stride()[:3], key_states, key_states.stride(0), key_states.stride(1),
+    args = (key_ring, *key_ring.stride()[:3], key_states, key_states.stride(0), key_states.stride(1),
             k_vals, *k_vals.stride()[:3], k_bits, *k_bits.stride()[:3], *k_scale_args,
             value_ring, *value_ring.stride()[:3], value_states, value_states.stride(0), value_states.stride(1),
             v_vals, *v_vals.stride()[:3], v_bits, *v_bits.stride()[:3], *v_scale_args,
             length, counter, h, rows, w, k_vals.shape[2],
-            keep_count(d, key_store.sparsity), keep_count(d, value_store.sparsity),
-            D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d),
-            KEY_BITS=31 if key_ring.dtype == torch.float32 else 15,
-            BLOCK_R=block, ADVANCE=advance, KEPT_FP8=fp8, TINY=torch.finfo(key_ring.dtype).tiny if fp8 else 0.0,
-            num_warps=4,
-        )
+            keep_count(d, key_store.sparsity), keep_count(d, value_store.sparsity))
+    constexprs = dict(D=d, DP=max(16, next_pow2(d)), NW32=2 * num_words(d),
+                      KEY_BITS=31 if key_ring.dtype == torch.float32 else 15, ADVANCE=advance, KEPT_FP8=fp8,
+                      TINY=torch.finfo(key_ring.dtype).tiny if fp8 else 0.0)
+    return rows, args, constexprs
