@@ -39,6 +39,8 @@ Steps (run in the order given; a failing step is reported and the next ones stil
   dense / K0.7V0.7 / K0.7V0.7-fp8), one sequence prefilled in chunks of 4096 and repeated (issue 15's target).
 - ``bookkeeping-probe``: ``benchmarks/probes/bookkeeping_latency.py``, the fused bookkeeping launch's latency
   with other launch shapes (issue 14's batch-1 gap; written 2026-12-03 after the device time was spent).
+- ``batch1-probe``: ``benchmarks/probes/batch1_splits.py``, the CUDA decode's time against its split count at
+  batch 1 and 8 x 4k (the same issue; written then too).
 - ``memcheck``, ``racecheck``: ``compute-sanitizer`` over ``benchmarks/sanitize_case.py``.
 - ``tp``, ``device-map``: the 2-GPU runs of ``benchmarks/multi_gpu.py`` (``--multi-gpu-args``; NVLink
   multicast off).
@@ -174,6 +176,7 @@ STEPS = {
                                     "--prefill-chunk", "4096", "--capacity-prefill", "one", "--settings",
                                     a.capacity_fp8_settings, "--out", str(a.out / "capacity_fp8")], 400),
     "bookkeeping-probe": Step(lambda a: [PYTHON, "benchmarks/probes/bookkeeping_latency.py", "--out", str(a.out)], 200),
+    "batch1-probe": Step(lambda a: [PYTHON, "benchmarks/probes/batch1_splits.py", "--out", str(a.out)], 200),
     "memcheck": Step(_sanitizer("memcheck"), 120),
     "racecheck": Step(_sanitizer("racecheck"), 300),
     "tp": Step(lambda a: [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
