@@ -126,7 +126,8 @@ class MustafarLayer(BatchRowEdits, CacheLayerMixin):
         """
         check_attention_implementation(self.layer_idx, self._reader_config)
         if self._unconsumed:
-            missed = ("so the cache did not read the prefill's padding" if self._pending else
+            missed = ("so the prefill is still held dense and unpruned (the cache prunes it once that attention has "
+                      "read its attention mask)" if self._pending else
                       "so that step's attention missed the compressed tokens (its outputs were wrong)")
             raise ValueError(
                 f"MustafarCache layer {self.layer_idx}: the keys returned by the previous update were not read by the "
