@@ -189,6 +189,13 @@ def environment() -> dict:
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
 
 
+def write_records(out_dir: str, filename: str, records: list) -> None:
+    """``{"environment": ..., "records": records}`` as JSON in ``out_dir/filename`` (the probes' result files)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, filename), "w") as f:
+        json.dump({"environment": environment(), "records": records}, f, indent=1)
+
+
 def print_table(rows, backends):
     cols = ["shape", "batch", "context", "sparsity", "dense_us", "dense_graph_us", "floor_us"]
     for b in backends:

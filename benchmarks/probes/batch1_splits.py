@@ -29,7 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from attention import environment, graph_time, rotating, time_dense  # noqa: E402
+from attention import graph_time, rotating, time_dense, write_records  # noqa: E402
 
 from mustafar import compress  # noqa: E402
 from mustafar.format import bytes_per_token  # noqa: E402
@@ -81,9 +81,7 @@ def main() -> None:
         record["speedup_best"] = record["dense_us"] / record["us"][best]
         print(json.dumps(record), flush=True)
         records.append(record)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "batch1_splits.json"), "w") as f:
-        json.dump({"environment": environment(), "records": records}, f, indent=1)
+    write_records(args.out, "batch1_splits.json", records)
 
 
 if __name__ == "__main__":

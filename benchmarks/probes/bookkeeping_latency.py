@@ -146,7 +146,7 @@ def main() -> None:
         sys.exit(1)
     if args.check_only or device != "cuda":
         return
-    from attention import environment, graph_time
+    from attention import graph_time, write_records
 
     from mustafar.launch.dense_write import dense_write
 
@@ -167,9 +167,7 @@ def main() -> None:
                                      s0["counter"], advance=False) for i in range(LAYERS)], calls=1) * 1e6 / LAYERS
             print(json.dumps(record), flush=True)
             records.append(record)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bookkeeping_latency.json"), "w") as f:
-        json.dump({"environment": environment(), "records": records}, f, indent=1)
+    write_records(args.out, "bookkeeping_latency.json", records)
 
 
 if __name__ == "__main__":
