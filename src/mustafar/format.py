@@ -139,9 +139,10 @@ def expand(values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int) -> torch.
 class BitmapKV:
     """A compressed K or V cache ``[batch, kv_heads, tokens, head_dim]`` in the bitmap format.
 
-    Storage grows along the token axis by :data:`GROWTH` (25 %), at most :data:`GROWTH_MAX_TOKENS` tokens at a
-    time, so unused room stays under 25 % and 1024 tokens; :meth:`append` is amortised O(1) per token up to 4096
-    tokens and then costs one copy of the store per 1024 tokens. ``values`` and ``bitmaps`` are views of the
+    Storage grows along the token axis by :data:`GROWTH` (25 % of the capacity), at most by
+    :data:`GROWTH_MAX_TOKENS` tokens, never below what an append needs, rounded up to the 16-token granule: unused
+    room stays under 1024 + 16 tokens and, past a few granules, 25 %. :meth:`append` is amortised O(1) per token up
+    to 4096 tokens and then costs one copy of the store per 1024 tokens. ``values`` and ``bitmaps`` are views of the
     first ``tokens`` rows.
 
     Attributes:
@@ -149,6 +150,9 @@ class BitmapKV:
         sparsity: fraction of entries zeroed per token, in [0, 1).
         k_keep: entries kept per token, ``head_dim - floor(sparsity * head_dim)``.
     """
+
+    #: True for a view made by :meth:`first_tokens` until its first write (:meth:`reserve` copies its rows).
+    _shares_buffers = False
 
     def __init__(self, values: torch.Tensor, bitmaps: torch.Tensor, head_dim: int, sparsity: float,
                  check_bits: bool = True, scales: torch.Tensor | None = None):
@@ -321,12 +325,16 @@ class BitmapKV:
         return expand_store(self.values, self.bitmaps, self.head_dim, self.scales)
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` in total, growing the capacity by :data:`GROWTH`, at most by
-        :data:`GROWTH_MAX_TOKENS` beyond ``tokens`` (see the class)."""
-        if tokens <= self.capacity:
+        """Make room for ``tokens`` in total: the capacity grows by :data:`GROWTH`, by at most
+        :data:`GROWTH_MAX_TOKENS` tokens, to ``tokens`` if that is more, rounded up to the granule (see the class)."""
+        if tokens <= self.capacity and not self._shares_buffers:
             return
-        grown = min(int(GROWTH * self.capacity), self.capacity + GROWTH_MAX_TOKENS)
-        new_capacity = _round_up(max(tokens, grown), CAPACITY_GRANULE)
+        if self._shares_buffers:  # a view (first_tokens): copy on the first write, the rows needed only
+            new_capacity = _round_up(max(tokens, self._tokens), CAPACITY_GRANULE)
+        else:
+            grown = min(int(GROWTH * self.capacity), self.capacity + GROWTH_MAX_TOKENS)
+            new_capacity = _round_up(max(tokens, grown), CAPACITY_GRANULE)
+        self._shares_buffers = False
         self._values = _grown(self._values, new_capacity, self._tokens)
         self._bitmaps = _grown(self._bitmaps, new_capacity, self._tokens)
         if self._scales is not None:
@@ -400,13 +408,15 @@ class BitmapKV:
 
     def first_tokens(self, tokens: int) -> "BitmapKV":
         """A view of this store's first ``tokens`` tokens: same buffers (``[batch, kv_heads, tokens, head_dim]``
-        as a store), this store unchanged.
+        as a store), this store unchanged. Appending to the view first copies its rows into buffers of its own
+        (:meth:`reserve`), so it never writes into this store's.
 
         Raises:
             ValueError: ``tokens`` outside ``[0, self.tokens]``.
         """
         view = copy.copy(self)
         view.truncate(tokens)
+        view._shares_buffers = True
         return view
 
     def select_batch(self, index: torch.Tensor) -> None:

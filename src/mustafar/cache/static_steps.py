@@ -55,6 +55,8 @@ class StaticSteps:
         from ..backends import triton_available
         from ..launch.bookkeeping import fused_supported
 
+        if not self.is_initialized:  # no device, no buffers yet (the first update allocates them)
+            return False
         asked = self.backend == "triton" or (self.backend != "torch" and self.device.type == "cuda")
         allowed = os.environ.get(FUSED_ENV, "1") != "0"
         if is_fp8(self.kept_dtype) and self.device.type == "cuda":

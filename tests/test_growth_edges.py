@@ -190,3 +190,38 @@ def test_triton_decode_in_pieces_at_the_row_limit(monkeypatch, group, q_len, tok
         assert err < TOL[dtype], (mask if mask is None else mask.dtype, err)
         if mask is hidden:
             assert not out[:, :, :2].any()
+
+
+@pytest.mark.parametrize("kept_dtype", [None, FP8])
+def test_appending_to_a_first_tokens_view_leaves_its_store_unchanged(kept_dtype):
+    """A view shares its store's buffers until its first write, which copies its rows (copy on write)."""
+    x, more = torch.randn(1, 2, 20, 64), torch.randn(1, 2, 3, 64)
+    store = compress(x, 0.5, kept_dtype=kept_dtype)
+    before = store.decompress().clone()
+    view = store.first_tokens(10)
+    view.append(more)
+    assert torch.equal(store.decompress(), before) and store.tokens == 20
+    assert view.tokens == 13 and view.capacity == 16
+    assert torch.equal(view.decompress(), _expected(torch.cat([x[:, :, :10], more], dim=2), 0.5, kept_dtype))
+    view.append(more)  # its own buffers now: grows as any store
+    assert torch.equal(store.decompress(), before) and view.tokens == 16
+
+
+def test_reserve_past_an_off_granule_capacity_stays_within_the_cap_plus_a_granule():
+    """A store wrapping 5000 tokens (not a multiple of 16) grows by at most GROWTH_MAX_TOKENS, then rounds up."""
+    store = compress(torch.randn(1, 1, 5000, 8), 0.5)
+    store.reserve(5001)
+    assert 5001 <= store.capacity <= 5000 + GROWTH_MAX_TOKENS + CAPACITY_GRANULE - 1
+    assert store.capacity % CAPACITY_GRANULE == 0
+
+
+def test_fused_is_false_before_a_static_layer_is_allocated():
+    """Reading ``fused`` before the first update (no device, no buffers yet) answers False, any kept dtype."""
+    from helpers import tiny_model as make_model
+
+    config = make_model().config
+    for kept_dtype in (None, FP8):
+        for backend in ("auto", "torch", "triton"):
+            cache = mustafar.StaticMustafarCache(config, max_tokens=16, window=4, kept_dtype=kept_dtype,
+                                                 backend=backend)
+            assert cache.layers[0].fused is False
