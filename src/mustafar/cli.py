@@ -329,7 +329,8 @@ def bench(
                                         "(FP8 e4m3 kept values, one scale per token and head).",
                                         show_default="dense,K0.5V0.5,K0.7V0.7"),
     modes: str | None = typer.Option(None, help="Comma-separated: generate (eager generate()), graph (decode loop on "
-                                     "static caches, captured in CUDA graphs on a GPU; eager on a CPU).", show_default="generate,graph"),
+                                     "static caches, captured in CUDA graphs on a GPU; eager on a CPU).",
+                                     show_default="generate,graph"),
     new_tokens: int | None = typer.Option(None, callback=_AT_LEAST_4,
                                           help="Tokens generated per case.", show_default="32"),
     quick: bool = typer.Option(False, "--quick", help="llama3-8b, batch 1 and 16, a 32768-token prompt, both modes "

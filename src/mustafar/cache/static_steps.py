@@ -61,7 +61,7 @@ class StaticSteps:
         allowed = os.environ.get(FUSED_ENV, "1") != "0"
         if is_fp8(self.kept_dtype) and self.device.type == "cuda":
             allowed = allowed and os.environ.get(FUSED_FP8_ENV, "1") != "0"
-        return self.is_initialized and asked and allowed and triton_available() and fused_supported(self.keys)
+        return asked and allowed and triton_available() and fused_supported(self.keys)
 
     def _bookkeeping(self, key_states: torch.Tensor, value_states: torch.Tensor, advance: bool = True,
                      state: tuple | None = None) -> None:

@@ -74,9 +74,14 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
 
 def bookkeeping_args(key_states, value_states, key_ring, value_ring, key_store, value_store, length, counter,
                      advance):
-    """``(rows, args, constexprs)`` of :func:`~mustafar.kernels.bookkeeping.bookkeeping_kernel` for the operands
-    of :func:`fused_bookkeeping` (checked there): the launch without ``BLOCK_R`` and the grid, which
-    ``benchmarks/probes/bookkeeping_latency.py`` varies."""
+    """The launch of :func:`~mustafar.kernels.bookkeeping.bookkeeping_kernel` for the operands of
+    :func:`fused_bookkeeping` (same arguments; checked there, not here), without ``BLOCK_R``, the grid and the warp
+    count, which ``benchmarks/probes/bookkeeping_latency.py`` varies.
+
+    Returns:
+        ``(rows, args, constexprs)``: ``rows = batch * kv_heads`` (the grid covers them ``BLOCK_R`` at a time), the
+        positional arguments (tensors, strides in elements, sizes) and the compile-time ones (a dict).
+    """
     b, h, w, d = key_ring.shape
     fp8 = key_store.is_fp8
     k_vals, k_bits = key_store.storage
