@@ -3,7 +3,7 @@
 Usage (CUDA machine, repository root):
 
     PYTHONPATH=src python benchmarks/kernel_variants.py --variant new= --variant s3=-DMUSTAFAR_DECODE_STAGES=3 \
-        --variant head=@HEAD [--cases quick|full|fp8|pad] [--triton] [--out DIR]
+        --variant head=@HEAD [--cases quick|full|fp8|pad|bulk] [--triton] [--out DIR]
 
 Each ``--variant NAME=SPEC`` builds the extension once: SPEC is ``lib`` (the library's own build, as
 ``backend="cuda"`` loads it), a space-separated list of nvcc flags for the working tree's
@@ -57,7 +57,14 @@ PAD_CASES = [("llama3-8b", 8, 32768, 0.5, "fp16"), ("llama3-8b", 32, 32768, 0.5,
              ("llama3-8b", 1, 32768, 0.5, "fp16"), ("llama3-8b", 8, 32768, 0.5, "bf16"),
              ("llama3-8b", 8, 32768, 0.5, "fp16+fp8"), ("smollm2-135m", 8, 32768, 0.5, "fp16"),
              ("qwen2.5-7b", 8, 32768, 0.5, "fp16"), ("llama3-8b", 8, 32768, 0.7, "fp16")]
-CASES = {"quick": QUICK, "full": FULL, "fp8": FP8_CASES, "pad": PAD_CASES}
+#: Tile staging by the bulk-copy engine (``MUSTAFAR_DECODE_BULK``): batch 8 and 32, s = 0.5 (padded rows) and 0.7,
+#: FP8, batch 1, 8 x 4k and head_dim 64.
+BULK_CASES = [("llama3-8b", 8, 32768, 0.7, "fp16"), ("llama3-8b", 32, 32768, 0.7, "fp16"),
+              ("llama3-8b", 8, 32768, 0.5, "fp16"), ("llama3-8b", 32, 32768, 0.5, "fp16"),
+              ("llama3-8b", 1, 32768, 0.7, "fp16"), ("llama3-8b", 8, 4096, 0.7, "fp16"),
+              ("llama3-8b", 8, 32768, 0.7, "fp16+fp8"), ("llama3-8b", 8, 32768, 0.5, "fp16+fp8"),
+              ("smollm2-135m", 8, 32768, 0.7, "fp16")]
+CASES = {"quick": QUICK, "full": FULL, "fp8": FP8_CASES, "pad": PAD_CASES, "bulk": BULK_CASES}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -195,6 +195,57 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Tile staging by the Hopper bulk-copy engine (MUSTAFAR_DECODE_BULK=1, sm_90+): a few lanes issue one
+// cp.async.bulk per contiguous piece (K values, V values, the two bitmap blocks, FP8 scales) that completes on the
+// stage's mbarrier, instead of 32 lanes copying 16 bytes per cp.async. Off by default until measured (issue 13).
+#ifndef MUSTAFAR_DECODE_BULK
+#define MUSTAFAR_DECODE_BULK 0
+#endif
+#if MUSTAFAR_DECODE_BULK && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900)
+#define MUSTAFAR_BULK_PATH 1
+#else
+#define MUSTAFAR_BULK_PATH 0
+#endif
+// Host-side view of the switch (the shared-memory size includes the stages' mbarriers).
+constexpr bool kBulkStaging = MUSTAFAR_DECODE_BULK != 0;
+
+#if MUSTAFAR_BULK_PATH
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+
+// The one arrival of a phase, announcing `bytes` of bulk copies that complete it.
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_inval(uint32_t bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// Orders this thread's earlier shared-memory accesses before later bulk copies (the async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
 // Copy `bytes` (a multiple of 16, both sides 16-byte aligned) with the 32 lanes of a warp.
 __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes, int lane) {
 #pragma unroll 1
@@ -548,6 +599,41 @@ __device__ __forceinline__ void issue_tile(char* st, const Stage<D>& stage, cons
   cp_async_commit();
 }
 
+#if MUSTAFAR_BULK_PATH
+// The bulk-copy form of issue_tile: every lane fences its earlier reads of the stage, lane 0 announces the bytes
+// on the stage's mbarrier `bar`, then single lanes copy the pieces (padded rows: one copy per row, 16 lanes each).
+template <int D, bool F8>
+__device__ __forceinline__ void issue_tile_bulk(char* st, const Stage<D>& stage, const char* kv, const char* vv,
+                                                const char* kb, const char* vb, const char* ks, const char* vs,
+                                                int tile, int lane, uint32_t bar) {
+  constexpr int kBits = Stage<D>::kBitsBytes;
+  const long long bit_off = (long long)tile * (kBits / kTile);
+  if (MUSTAFAR_DECODE_BULK != 2) fence_proxy_async();  // 2: without the fence (a timing probe only)
+  __syncwarp();
+  if (lane == 0) mbar_expect(bar, stage.k_tile() + stage.v_tile() + 2 * kBits + (F8 ? 4 * kTile : 0));
+  __syncwarp();
+  const uint32_t dst = smem_addr(st);
+  const char* ksrc = kv + (long long)tile * stage.k_row;
+  const char* vsrc = vv + (long long)tile * stage.v_row;
+  if (stage.k_stride == stage.k_row) {
+    if (lane == 0) bulk_copy(dst, ksrc, stage.k_tile(), bar);
+  } else if (lane < kTile) {
+    bulk_copy(dst + lane * stage.k_stride, ksrc + lane * stage.k_row, stage.k_row, bar);
+  }
+  const uint32_t vdst = dst + stage.k_bytes();
+  if (stage.v_stride == stage.v_row) {
+    if (lane == 1) bulk_copy(vdst, vsrc, stage.v_tile(), bar);
+  } else if (lane >= kTile) {
+    bulk_copy(vdst + (lane - kTile) * stage.v_stride, vsrc + (lane - kTile) * stage.v_row, stage.v_row, bar);
+  }
+  if (lane == 2) bulk_copy(dst + stage.bits_offset(), kb + bit_off, kBits, bar);
+  if (lane == 3) bulk_copy(dst + stage.bits_offset() + kBits, vb + bit_off, kBits, bar);
+  if (F8 && (lane == 4 || lane == 5))
+    bulk_copy(dst + stage.scale_offset() + (lane - 4) * 2 * kTile, (lane == 4 ? ks : vs) + (long long)tile * 2,
+              2 * kTile, bar);
+}
+#endif
+
 template <typename T, int D, bool MASKED, int NT, bool F8>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) char smem[];
@@ -573,6 +659,23 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
     // one cp.async group (empty past the end), so waiting for kStages - 1 pending groups frees the oldest stage.
     constexpr int kStep = kWarps * kTile;
     int tile = lo + warp * kTile;
+#if MUSTAFAR_BULK_PATH
+    // One mbarrier per stage, after all warps' stages; phase u of stage s completes the u-th tile staged there.
+    const uint32_t bars = smem_addr(smem + kWarps * kStages * stage.size()) + warp * kStages * 8;
+    if (dec.lane == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncwarp();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      const int ahead = tile + s * kStep;
+      if (ahead < hi)
+        issue_tile_bulk<D, F8>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane,
+                               bars + 8 * s);
+    }
+#else
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       const int ahead = tile + s * kStep;
@@ -580,8 +683,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
         issue_tile<D, F8>(my_stages + s * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane);
       else cp_async_commit();
     }
+#endif
     for (int it = 0; tile < hi; ++it, tile += kStep) {
       const int ahead = tile + (kStages - 1) * kStep;
+#if MUSTAFAR_BULK_PATH
+      if (ahead < hi) {
+        const int next = (it + kStages - 1) % kStages;
+        issue_tile_bulk<D, F8>(my_stages + next * stage.size(), stage, kv, vv, kb, vb, ks, vs, ahead, dec.lane,
+                               bars + 8 * next);
+      }
+      mbar_wait(bars + 8 * (it % kStages), (it / kStages) & 1);
+#else
       if (ahead < hi) {
         issue_tile<D, F8>(my_stages + ((it + kStages - 1) % kStages) * stage.size(), stage, kv, vv, kb, vb, ks, vs,
                           ahead, dec.lane);
@@ -590,6 +702,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       }
       cp_async_wait<kStages - 1>();
       __syncwarp();
+#endif
       char* st = my_stages + (it % kStages) * stage.size();
       const char* kvals = st;
       const char* vvals = st + stage.k_bytes();
@@ -615,6 +728,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sparse_decode_kernel(
       dec.accumulate_sparse(pb, vvals, vbits, prefix + kTile, valid, stage.v_stride);
       __syncwarp();
     }
+#if MUSTAFAR_BULK_PATH
+    if (dec.lane == 0) {  // every staged tile was waited for; the merge below reuses this memory
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) mbar_inval(bars + 8 * s);
+    }
+#endif
   } else {
     const uint16_t* kw = p.kw + b * p.kw_sb + h * p.kw_sh;
     const uint16_t* vw = p.vw + b * p.vw_sb + h * p.vw_sh;
@@ -727,7 +846,7 @@ __global__ void merge_kernel(const float* part_o, const float* part_m, const flo
 template <int D>
 int decode_smem(int k_keep, int v_keep, bool fp8) {
   const Stage<D> stage(k_keep, v_keep, fp8);
-  const int stage_smem = kWarps * kStages * stage.size();
+  const int stage_smem = kWarps * kStages * (stage.size() + (kBulkStaging ? 8 : 0));
   const int merge_smem = kWarps * kRows * (D + 2) * 4;
   return stage_smem > merge_smem ? stage_smem : merge_smem;
 }

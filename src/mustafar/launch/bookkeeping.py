@@ -11,9 +11,13 @@ from .common import cdiv, next_pow2, on_device
 
 __all__ = ["fused_bookkeeping", "fused_supported"]
 
-#: (batch, KV head) rows per program, at most: as many as warps (4), so a row's reductions can stay in one warp, and
-#: a batch-1 step (8 rows) still spreads over two programs.
-BLOCK_ROWS = 4
+#: The launch shape: one (batch, KV head) row per program, one warp, K and V in two grid columns
+#: (``KV_SPLIT``). Measured on the H200 (``benchmarks/probes/bookkeeping_latency.py``, 2026-12-03, sixth session):
+#: 3.97 us a launch at batch 1 and 4.24 us at batch 24 (Llama-3-8B shape, 32k held), against 7.01 and 7.45 us with
+#: the former 4 rows, 4 warps and one column; the serial per-row work (top-k passes, prefix counts) is what counts.
+BLOCK_ROWS = 1
+WARPS = 1
+KV_SPLIT = 1
 #: Head dims the kernel's one-tile rows take.
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,7 +73,8 @@ def fused_bookkeeping(key_states: torch.Tensor, value_states: torch.Tensor, key_
                                               length, counter, advance)
     block = min(BLOCK_ROWS, next_pow2(rows))
     with on_device(key_ring):
-        bookkeeping_kernel[(cdiv(rows, block),)](*args, **constexprs, BLOCK_R=block, num_warps=4)
+        bookkeeping_kernel[(cdiv(rows, block), 1 + KV_SPLIT)](*args, **constexprs, BLOCK_R=block, KV_SPLIT=KV_SPLIT,
+                                                               num_warps=WARPS)
 
 
 def bookkeeping_args(key_states, value_states, key_ring, value_ring, key_store, value_store, length, counter,

@@ -28,6 +28,10 @@ HEAD_DIMS = (64, 128)
 MAX_ROWS = 16
 #: Tokens per CTA step (4 warps x 16) and the capacity granule the kernel stages whole.
 CTA_TOKENS = 64
+#: Fewest tokens the split heuristic gives one split (two CTA steps): at 1 x 4k (Llama-3-8B shape, s = 0.7, H200,
+#: ``benchmarks/probes/batch1_splits.py``, 2026-12-03) 32 splits of 128 tokens took 14.0 us against 17.9 us for 64
+#: splits of 64; batch >= 8 and 32k contexts choose the same splits as before.
+MIN_SPLIT_TOKENS = 2 * CTA_TOKENS
 TILE_TOKENS = 16
 _WORKSPACE_ROWS = 16
 
@@ -130,7 +134,7 @@ def decode_attention_cuda(
         rows = hq // hkv * lq
         per_sm = ctas_per_sm(query.dtype == torch.bfloat16, d, rows, attention_mask is not None, key_cache.k_keep,
                              value_cache.k_keep, key_cache.is_fp8)
-        splits = choose_splits(b * hkv, n_comp, query.device, per_sm, CTA_TOKENS, whole_wave=True)
+        splits = choose_splits(b * hkv, n_comp, query.device, per_sm, MIN_SPLIT_TOKENS, whole_wave=True)
     else:
         splits = min(num_splits, n_comp)
     per_split = cdiv(cdiv(max(n_comp, 1), max(splits, 1)), CTA_TOKENS) * CTA_TOKENS
